@@ -1,0 +1,258 @@
+"""Image sets: an MVTec AD category under a blind setting, or a plain folder of images.
+
+An :class:`ImageSet` holds paths, labels and mask paths only; pixels are read when needed by
+:func:`load_images` and :func:`load_masks`, which apply the paper's preprocessing: resize to
+256 x 256, centre-crop 224 x 224 (or, with ``crop=None``, resize straight to 224 x 224 so that
+nothing near the border is cut away), ImageNet mean/std for the backbone.
+
+Blind settings on an MVTec-layout category (nobody tells the method which image is normal):
+
+========  ===========================================  ===========
+setting   images in the set (and in the memory bank)   image AUROC
+========  ===========================================  ===========
+``mix``   train/good + every test image                yes
+``test``  every test image                             yes
+``ano``   the defective test images only               no (all defective)
+``train`` train/good only (the one-class bank)         no (all good)
+========  ===========================================  ===========
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+SETTINGS = ("mix", "test", "ano", "train")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+GOOD, DEFECTIVE, UNKNOWN = 0, 1, -1
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    """A list of images with what is known about them.
+
+    Attributes
+    ----------
+    paths : tuple of Path, length n
+        Image files, in a fixed (sorted) order.
+    labels : np.ndarray, shape (n,), int8
+        1 defective, 0 good, -1 unknown (an unlabelled folder).
+    mask_paths : tuple of (Path or None), length n
+        Ground-truth mask of each defective image; None for good or unlabelled images.
+    defect_types : tuple of str, length n
+        The sub-folder name (``"good"``, ``"crack"``, ...); ``""`` when unlabelled.
+    name : str
+        A short description, e.g. ``"magnetic_tile/test"``.
+    """
+
+    paths: tuple[Path, ...]
+    labels: np.ndarray
+    mask_paths: tuple[Path | None, ...]
+    defect_types: tuple[str, ...]
+    name: str
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def has_labels(self) -> bool:
+        """True when every image is labelled good or defective (metrics can be computed)."""
+        return bool(len(self)) and bool((self.labels != UNKNOWN).all())
+
+    def subset(self, index: np.ndarray | list[int]) -> ImageSet:
+        """The images at ``index``, in that order."""
+        index = [int(i) for i in index]
+        return ImageSet(
+            tuple(self.paths[i] for i in index),
+            self.labels[index],
+            tuple(self.mask_paths[i] for i in index),
+            tuple(self.defect_types[i] for i in index),
+            self.name,
+        )
+
+
+def load_mvtec(root: str | Path, category: str | None = None, setting: str = "test") -> ImageSet:
+    """An MVTec AD layout category under a blind setting.
+
+    Parameters
+    ----------
+    root : str or Path
+        The data set folder holding categories (``root/<category>/{train,test,ground_truth}``),
+        or a category folder itself when ``category`` is None.
+    category : str, optional
+        The category's folder name.
+    setting : {"mix", "test", "ano", "train"}
+        Which images form the set; see the module docstring.
+
+    Returns
+    -------
+    ImageSet
+        Sorted by folder then file name; every defective image has a mask path (checked).
+    """
+    if setting not in SETTINGS:
+        raise ValueError(f"setting={setting!r} is unknown; choose one of {SETTINGS}")
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"data folder {root} does not exist; check the path")
+    folder = root if category is None else root / category
+    if category is not None and not folder.is_dir():
+        found = sorted(p.name for p in root.iterdir() if (p / "test").is_dir())
+        raise FileNotFoundError(
+            f"category {category!r} not found in {root}; categories there: {found or 'none'}"
+        )
+    if not (folder / "test").is_dir() and setting != "train":
+        found = sorted(p.name for p in folder.iterdir() if (p / "test").is_dir())
+        hint = f"pass --category, one of {found}" if found else "is it an MVTec AD category?"
+        raise FileNotFoundError(f"{folder} has no test/ folder; {hint}")
+
+    parts: list[tuple[Path, str]] = []  # (folder of images, defect type)
+    if setting in ("mix", "train"):
+        parts.append((folder / "train" / "good", "good"))
+    if setting in ("mix", "test", "ano"):
+        for sub in sorted(p for p in (folder / "test").iterdir() if p.is_dir()):
+            if not (setting == "ano" and sub.name == "good"):
+                parts.append((sub, sub.name))
+
+    paths, labels, masks, types = [], [], [], []
+    for sub, kind in parts:
+        files = _image_files(sub, recursive=False)
+        if not files:
+            raise FileNotFoundError(f"{sub} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        for path in files:
+            mask = None
+            if kind != "good":
+                mask = folder / "ground_truth" / kind / f"{path.stem}_mask.png"
+                if not mask.is_file():
+                    raise FileNotFoundError(
+                        f"no mask for defective image {path}: expected {mask}"
+                    )
+            paths.append(path)
+            labels.append(GOOD if kind == "good" else DEFECTIVE)
+            masks.append(mask)
+            types.append(kind)
+    name = f"{folder.name}/{setting}"
+    return ImageSet(tuple(paths), np.array(labels, np.int8), tuple(masks), tuple(types), name)
+
+
+def load_folder(root: str | Path) -> ImageSet:
+    """Every image under ``root`` (recursively), unlabelled.
+
+    Files whose suffix is not an image suffix are ignored with a warning that counts them;
+    a file with an image suffix that cannot be decoded raises an error when it is loaded.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {root} does not exist; check the path")
+    files = _image_files(root, recursive=True)
+    if not files:
+        raise FileNotFoundError(f"{root} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    others = [p for p in root.rglob("*") if p.is_file() and p.suffix.lower() not in IMAGE_SUFFIXES]
+    if others:
+        warnings.warn(
+            f"{len(others)} non-image file(s) under {root} ignored, e.g. {others[0]}", stacklevel=2
+        )
+    n = len(files)
+    return ImageSet(
+        tuple(files), np.full(n, UNKNOWN, np.int8), (None,) * n, ("",) * n, root.name
+    )
+
+
+def _image_files(folder: Path, recursive: bool) -> list[Path]:
+    pattern = folder.rglob("*") if recursive else folder.iterdir()
+    return sorted(p for p in pattern if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def read_rgb(path: Path) -> Image.Image:
+    """Read an image as 8-bit RGB: greyscale, palette, RGBA and 16-bit images are converted.
+
+    Raises
+    ------
+    ValueError
+        Naming the file, if it cannot be decoded (corrupt, truncated, not an image).
+    """
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):  # 16-bit greyscale
+                arr = np.asarray(img, dtype=np.float64) / 257.0
+                img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+            elif img.mode == "F":
+                arr = np.asarray(img, dtype=np.float64)
+                img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+            return img.convert("RGB")
+    except (OSError, UnidentifiedImageError, SyntaxError) as err:
+        raise ValueError(
+            f"cannot read image {path}: {err}. Replace or remove the file and run again."
+        ) from err
+
+
+def _resize_crop(img: Image.Image, resample: int, resize: int, crop: int | None) -> Image.Image:
+    """Resize to resize x resize (aspect ratio not kept, as in the paper), then centre-crop."""
+    if crop is None:
+        return img.resize((resize, resize), resample)
+    img = img.resize((resize, resize), resample)
+    left = (resize - crop) // 2
+    return img.crop((left, left, left + crop, left + crop))
+
+
+def preprocess(img: Image.Image, resize: int = 256, crop: int | None = 224) -> torch.Tensor:
+    """One RGB image to a normalised backbone input.
+
+    Returns
+    -------
+    torch.Tensor, shape (3, S, S), float32
+        S = ``crop`` (or ``resize`` when ``crop`` is None); ImageNet mean/std normalised.
+    """
+    arr = np.asarray(_resize_crop(img, Image.BILINEAR, resize, crop), dtype=np.float32) / 255.0
+    x = torch.from_numpy(arr).permute(2, 0, 1)
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return (x - mean) / std
+
+
+def load_display(path: Path, resize: int = 256, crop: int | None = 224) -> np.ndarray:
+    """The image as the model sees it, for plotting: (S, S, 3) uint8."""
+    return np.asarray(_resize_crop(read_rgb(path), Image.BILINEAR, resize, crop))
+
+
+def load_masks(images: ImageSet, resize: int = 256, crop: int | None = 224) -> np.ndarray:
+    """Ground-truth masks, binarised at >= 128 and cropped like the images.
+
+    Returns
+    -------
+    np.ndarray, shape (n, S, S), uint8 in {0, 1}
+        All zero for good and unlabelled images (and for a defective image whose mask is empty).
+
+    Raises
+    ------
+    ValueError
+        If a mask cannot be read, or its size differs from its image's (both files named).
+    """
+    side = crop or resize
+    out = np.zeros((len(images), side, side), np.uint8)
+    for i, (path, mask_path) in enumerate(zip(images.paths, images.mask_paths, strict=True)):
+        if mask_path is None:
+            continue
+        try:
+            with Image.open(mask_path) as m:
+                mask = np.asarray(m.convert("L")) >= 128
+        except (OSError, UnidentifiedImageError) as err:
+            raise ValueError(f"cannot read mask {mask_path}: {err}") from err
+        with Image.open(path) as img:
+            size = img.size
+        if mask.shape[::-1] != size:
+            raise ValueError(
+                f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} but its image {path} is "
+                f"{size[0]}x{size[1]}; masks must match their image's size"
+            )
+        resized = _resize_crop(Image.fromarray(mask.astype(np.uint8) * 255), Image.NEAREST,
+                               resize, crop)
+        out[i] = np.asarray(resized) >= 128
+    return out

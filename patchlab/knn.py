@@ -1,0 +1,274 @@
+"""Exact k-nearest neighbours of patch features: the one kNN of patchlab.
+
+Every scoring method reads the same neighbour table, computed once for ``k_max``:
+
+    dist(f, m) = ||f - m||_2                                (Euclidean, never squared)
+    N_k(f)     = the k bank features m != f with the smallest dist(f, m)
+
+The bank is never held as an N x N matrix. The ``torch`` backend works on blocks of rows and
+columns: a block of squared distances comes from one GEMM,
+
+    ||f - m||^2 = ||f||^2 + ||m||^2 - 2 <f, m>,
+
+and only the entries below each row's current k-th best distance (a cheap comparison) are merged
+into that row's running top-k. When the queries are the bank itself ("self-kNN"), the distance
+matrix is symmetric: each block pair (i, j), i <= j, is computed once and merged into the rows of
+both blocks, halving the GEMM work.
+
+What counts as "the feature itself" (``exclude``):
+
+- ``"none"``:    nothing is excluded (queries that are not in the bank, e.g. one-class testing).
+- ``"self"``:    the bank entry with the query's own id (exact; ids default to positions).
+- ``"nearest"``: always drop the first neighbour (the paper's "k = 2" for PatchCore and SPADE).
+- ``"image"``:   every bank entry of the query's own image (needs ``query_groups``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+EXCLUDE_MODES = ("none", "self", "nearest", "image")
+BACKENDS = ("torch", "keops")
+
+
+@dataclass(frozen=True)
+class Neighbours:
+    """A neighbour table.
+
+    Attributes
+    ----------
+    distances : torch.Tensor, shape (n_queries, k), float32
+        Euclidean distances to the k nearest bank features, ascending along each row.
+    indices : torch.Tensor, shape (n_queries, k), int64
+        Row indices of those features in the bank.
+    exclude : str
+        The exclusion mode the table was computed with.
+    """
+
+    distances: torch.Tensor
+    indices: torch.Tensor
+    exclude: str
+
+    @property
+    def k(self) -> int:
+        return self.distances.shape[1]
+
+    def __len__(self) -> int:
+        return self.distances.shape[0]
+
+
+def knn(
+    queries: torch.Tensor,
+    k: int,
+    bank: torch.Tensor | None = None,
+    *,
+    exclude: str = "self",
+    query_ids: torch.Tensor | None = None,
+    bank_ids: torch.Tensor | None = None,
+    query_groups: torch.Tensor | None = None,
+    bank_groups: torch.Tensor | None = None,
+    backend: str = "torch",
+    block_size: int | None = None,
+    progress: bool = True,
+) -> Neighbours:
+    """Exact k nearest neighbours of every query among the bank.
+
+    Parameters
+    ----------
+    queries : torch.Tensor, shape (n_queries, d), float
+        Query features. On CUDA the computation runs on CUDA.
+    k : int
+        Number of neighbours to return per query, after exclusion.
+    bank : torch.Tensor, shape (n_bank, d), optional
+        Bank features. ``None`` means the queries are the bank (self-kNN, symmetric blocks).
+    exclude : {"none", "self", "nearest", "image"}
+        What counts as the query itself; see the module docstring.
+    query_ids, bank_ids : torch.Tensor, shape (n_queries,) / (n_bank,), int64, optional
+        Identities for ``exclude="self"``: bank entry j is excluded for query i when
+        ``bank_ids[j] == query_ids[i]``. Default to positions (``arange``) for self-kNN; with a
+        separate bank both are required (e.g. coreset rows keep their index in the full set).
+    query_groups, bank_groups : torch.Tensor, shape (n_queries,) / (n_bank,), int64, optional
+        Image index of every row, for ``exclude="image"``. ``bank_groups`` defaults to
+        ``query_groups`` for self-kNN.
+    backend : {"torch", "keops"}
+        ``torch``: blocked GEMM with a threshold merge. ``keops``: PyKeOps LazyTensor reduction.
+    block_size : int, optional
+        Rows (and columns) per block; bounds memory at about ``3 * block_size**2 * 4`` bytes.
+        Chosen from the device when omitted.
+    progress : bool
+        Show a progress bar.
+
+    Returns
+    -------
+    Neighbours
+        ``distances`` (n_queries, k) float32 ascending and ``indices`` (n_queries, k) int64.
+    """
+    symmetric = bank is None
+    bank_ = queries if symmetric else bank
+    _check_inputs(queries, bank_, k, exclude, backend)
+    n_q, n_b = queries.shape[0], bank_.shape[0]
+    device = queries.device
+
+    if exclude == "self":
+        if query_ids is None and bank_ids is None and symmetric:
+            query_ids = bank_ids = torch.arange(n_q, device=device)
+        elif query_ids is None or bank_ids is None:
+            raise ValueError(
+                "exclude='self' with a separate bank needs query_ids and bank_ids "
+                "(the identity of every row); use exclude='none' if queries are not in the bank"
+            )
+        query_ids, bank_ids = query_ids.to(device), bank_ids.to(device)
+    if exclude == "image":
+        if query_groups is None:
+            raise ValueError("exclude='image' needs query_groups (the image index of every query)")
+        bank_groups = query_groups if (symmetric and bank_groups is None) else bank_groups
+        if bank_groups is None:
+            raise ValueError("exclude='image' with a separate bank needs bank_groups as well")
+        query_groups, bank_groups = query_groups.to(device), bank_groups.to(device)
+
+    excluded = _excluded_count(exclude, query_ids, bank_ids, query_groups, bank_groups)
+    k_search = k + 1 if exclude == "nearest" else k
+    if k_search > n_b - excluded:
+        raise ValueError(
+            f"k={k} is larger than the bank allows: {n_b} bank features, up to {excluded} "
+            f"excluded per query with exclude={exclude!r}; choose k <= {n_b - excluded - (k_search - k)}"
+        )
+
+    ids = (query_ids, bank_ids) if exclude == "self" else (None, None)
+    groups = (query_groups, bank_groups) if exclude == "image" else (None, None)
+    if backend == "torch":
+        d2, idx = _knn_torch(queries, bank_, k_search, symmetric, ids, groups, block_size, progress)
+    else:
+        from patchlab.knn_keops import knn_keops
+
+        d2, idx = knn_keops(queries, bank_, k_search, ids, groups, block_size, progress)
+    if exclude == "nearest":
+        d2, idx = d2[:, 1:], idx[:, 1:]
+    return Neighbours(d2.clamp_min_(0).sqrt_(), idx, exclude)
+
+
+def _check_inputs(queries, bank, k, exclude, backend) -> None:
+    if exclude not in EXCLUDE_MODES:
+        raise ValueError(f"exclude={exclude!r} is unknown; choose one of {EXCLUDE_MODES}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is unknown; choose one of {BACKENDS}")
+    if queries.ndim != 2 or bank.ndim != 2 or queries.shape[1] != bank.shape[1]:
+        raise ValueError(
+            f"queries and bank must be 2-D with the same width; got {tuple(queries.shape)} "
+            f"and {tuple(bank.shape)}"
+        )
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+
+
+def _excluded_count(exclude, query_ids, bank_ids, query_groups, bank_groups) -> int:
+    """The most bank entries any one query can lose to exclusion."""
+    if exclude == "self":
+        return int(torch.unique(bank_ids, return_counts=True)[1].max())
+    if exclude == "image":
+        return int(torch.unique(bank_groups, return_counts=True)[1].max())
+    return 0
+
+
+def default_block_size(device: torch.device, n: int) -> int:
+    """Block size for the blocked GEMM: 2048 on the CPU, up to 16384 on CUDA by free memory."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        # three float32 blocks (distances, two masks) within a quarter of free memory
+        return int(min(16384, max(1024, math.isqrt(free // 4 // 12))))
+    return 2048
+
+
+def _knn_torch(queries, bank, k, symmetric, ids, groups, block_size, progress):
+    """Blocked exact kNN returning squared distances (n_q, k) and indices (n_q, k)."""
+    device = queries.device
+    # Translate both sets by the bank mean: distances are unchanged, the norms shrink, and
+    # so does the cancellation error of ||f||^2 + ||m||^2 - 2<f, m> in float32.
+    mean = bank.float().mean(0, keepdim=True)
+    q = (queries.float() - mean).contiguous()
+    b = q if symmetric else (bank.float() - mean).contiguous()
+    q_norm, b_norm = (q * q).sum(1), (b * b).sum(1)
+    n_q, n_b = q.shape[0], b.shape[0]
+    bs = block_size or default_block_size(device, max(n_q, n_b))
+
+    best_d = torch.full((n_q, k), math.inf, device=device)
+    best_i = torch.full((n_q, k), -1, dtype=torch.int64, device=device)
+    row_blocks = [(s, min(s + bs, n_q)) for s in range(0, n_q, bs)]
+    col_blocks = row_blocks if symmetric else [(s, min(s + bs, n_b)) for s in range(0, n_b, bs)]
+    pairs = [
+        (r, c)
+        for ri, r in enumerate(row_blocks)
+        for ci, c in enumerate(col_blocks)
+        if not symmetric or ci >= ri
+    ]
+    for (r0, r1), (c0, c1) in tqdm(pairs, desc="neighbours", unit="block", disable=not progress):
+        # squared distances of one block: ||m||^2 - 2<f, m> in the GEMM, + ||f||^2 after
+        d2 = torch.addmm(b_norm[None, c0:c1], q[r0:r1], b[c0:c1].T, alpha=-2.0)
+        d2.add_(q_norm[r0:r1, None])
+        _mask_excluded(d2, r0, r1, c0, c1, ids, groups, symmetric)
+        _merge(best_d, best_i, d2, r0, c0)
+        if symmetric and c0 != r0:
+            _merge(best_d, best_i, d2, c0, r0, transposed=True)
+    return best_d, best_i
+
+
+def _mask_excluded(d2, r0, r1, c0, c1, ids, groups, symmetric) -> None:
+    """Set excluded entries of one block to +inf, in place (only where ranges can meet)."""
+    if symmetric and ids[0] is not None and r0 == c0:
+        d2.fill_diagonal_(math.inf)
+        return
+    for q_key, b_key in (ids, groups):
+        if q_key is None:
+            continue
+        qk, bk = q_key[r0:r1], b_key[c0:c1]
+        if qk.min() <= bk.max() and bk.min() <= qk.max():
+            d2.masked_fill_(qk[:, None] == bk[None, :], math.inf)
+
+
+def _merge(best_d, best_i, d2, r0, c0, transposed=False) -> None:
+    """Merge one block of squared distances into the running top-k of its rows, in place.
+
+    The block's rows are ``r0 + i`` and its columns ``c0 + j``; with ``transposed`` the roles
+    swap (rows of the table are the block's columns), which lets the symmetric pass reuse a
+    block for both row ranges without copying it. Only entries strictly below a row's current
+    k-th best can enter its top-k, so only those are gathered: after the first blocks they are
+    a small fraction of the block.
+    """
+    k = best_d.shape[1]
+    n_rows = d2.shape[1] if transposed else d2.shape[0]
+    kth = best_d[r0 : r0 + n_rows, k - 1]
+    if transposed:
+        # transpose the (cheap, 1-byte) mask rather than the block, so that nonzero() comes
+        # out grouped by table row
+        row, col = (d2 < kth[None, :]).T.contiguous().nonzero(as_tuple=True)
+        vals = d2[col, row]
+    else:
+        row, col = (d2 < kth[:, None]).nonzero(as_tuple=True)  # row-major: grouped by row
+        vals = d2[row, col]
+    if row.numel() == 0:
+        return
+    if row.numel() * 4 > d2.numel():  # dense (first blocks): a plain top-k of the block
+        block = d2.T if transposed else d2
+        cand_d, pos = block.topk(min(k, block.shape[1]), dim=1, largest=False)
+        cand_i = pos + c0
+        target = torch.arange(r0, r0 + n_rows, device=d2.device)
+    else:  # sparse: pad each touched row's candidates into a (touched, width) table
+        touched, counts = torch.unique_consecutive(row, return_counts=True)
+        starts = torch.cumsum(counts, 0) - counts
+        slot = torch.arange(row.numel(), device=d2.device) - torch.repeat_interleave(starts, counts)
+        line = torch.repeat_interleave(torch.arange(touched.numel(), device=d2.device), counts)
+        width = int(counts.max())
+        cand_d = torch.full((touched.numel(), width), math.inf, device=d2.device)
+        cand_i = torch.full((touched.numel(), width), -1, dtype=torch.int64, device=d2.device)
+        cand_d[line, slot] = vals
+        cand_i[line, slot] = col + c0
+        target = touched + r0
+    all_d = torch.cat([best_d[target], cand_d], 1)
+    all_i = torch.cat([best_i[target], cand_i], 1)
+    top_d, pos = all_d.topk(k, dim=1, largest=False)
+    best_d[target] = top_d
+    best_i[target] = all_i.gather(1, pos)
