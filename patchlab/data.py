@@ -130,9 +130,7 @@ def load_mvtec(root: str | Path, category: str | None = None, setting: str = "te
             if kind != "good":
                 mask = folder / "ground_truth" / kind / f"{path.stem}_mask.png"
                 if not mask.is_file():
-                    raise FileNotFoundError(
-                        f"no mask for defective image {path}: expected {mask}"
-                    )
+                    raise FileNotFoundError(f"no mask for defective image {path}: expected {mask}")
             paths.append(path)
             labels.append(GOOD if kind == "good" else DEFECTIVE)
             masks.append(mask)
@@ -159,9 +157,7 @@ def load_folder(root: str | Path) -> ImageSet:
             f"{len(others)} non-image file(s) under {root} ignored, e.g. {others[0]}", stacklevel=2
         )
     n = len(files)
-    return ImageSet(
-        tuple(files), np.full(n, UNKNOWN, np.int8), (None,) * n, ("",) * n, root.name
-    )
+    return ImageSet(tuple(files), np.full(n, UNKNOWN, np.int8), (None,) * n, ("",) * n, root.name)
 
 
 def _image_files(folder: Path, recursive: bool) -> list[Path]:
@@ -252,7 +248,8 @@ def load_masks(images: ImageSet, resize: int = 256, crop: int | None = 224) -> n
                 f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} but its image {path} is "
                 f"{size[0]}x{size[1]}; masks must match their image's size"
             )
-        resized = _resize_crop(Image.fromarray(mask.astype(np.uint8) * 255), Image.NEAREST,
-                               resize, crop)
+        resized = _resize_crop(
+            Image.fromarray(mask.astype(np.uint8) * 255), Image.NEAREST, resize, crop
+        )
         out[i] = np.asarray(resized) >= 128
     return out

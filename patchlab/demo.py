@@ -68,8 +68,11 @@ def _texture(name: str, rng: np.random.Generator, size: int) -> np.ndarray:
     if rng.random() < 0.5:
         crop = crop[:, ::-1]
     if size != _CROP:
-        crop = np.asarray(Image.fromarray(np.ascontiguousarray(crop)).resize(
-            (size, size), Image.Resampling.BILINEAR))
+        crop = np.asarray(
+            Image.fromarray(np.ascontiguousarray(crop)).resize(
+                (size, size), Image.Resampling.BILINEAR
+            )
+        )
     return crop * rng.uniform(0.9, 1.1) + rng.uniform(-8.0, 8.0)
 
 
@@ -86,20 +89,30 @@ def _washer(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray
     u, v = dx * np.cos(theta) + dy * np.sin(theta), dy * np.cos(theta) - dx * np.sin(theta)
     rho, big, small = np.hypot(dx, dy), 0.30 * size, 0.11 * size
     ring = np.clip(big - rho + 0.5, 0, 1) * np.clip(rho - small + 0.5, 0, 1)
-    tab = (np.clip(0.07 * size - np.abs(v) + 0.5, 0, 1) * np.clip(u - 0.8 * big + 0.5, 0, 1)
-           * np.clip(big + 0.14 * size - u + 0.5, 0, 1))
+    tab = (
+        np.clip(0.07 * size - np.abs(v) + 0.5, 0, 1)
+        * np.clip(u - 0.8 * big + 0.5, 0, 1)
+        * np.clip(big + 0.14 * size - u + 0.5, 0, 1)
+    )
     cover = np.maximum(ring, tab)
     light = -(dx + dy) / (np.sqrt(2) * big)  # fixed light from the upper left
     grain = ndimage.gaussian_filter(rng.normal(size=(size, size)), 0.8 * s)
-    metal = (160 + 30 * light + 10 * np.sin(rho * 2 * np.pi / (5 * s)) + 25 * grain
-             + 40 * np.exp(-(((rho - big + 2 * s) / (2 * s)) ** 2))
-             + 30 * np.exp(-(((rho - small - 2 * s) / (2 * s)) ** 2)))
+    metal = (
+        160
+        + 30 * light
+        + 10 * np.sin(rho * 2 * np.pi / (5 * s))
+        + 25 * grain
+        + 40 * np.exp(-(((rho - big + 2 * s) / (2 * s)) ** 2))
+        + 30 * np.exp(-(((rho - small - 2 * s) / (2 * s)) ** 2))
+    )
     coarse = Image.fromarray(rng.normal(size=(12, 12)).astype(np.float32))
     mottle = np.asarray(coarse.resize((size, size), Image.Resampling.BICUBIC))
     shadow = ndimage.gaussian_filter(np.roll(cover, (int(6 * s), int(6 * s)), axis=(0, 1)), 3 * s)
     back = (70 + 10 * mottle + 6 * rng.normal(size=(size, size))) * (1 - 0.5 * shadow)
-    img = (back[..., None] * np.array([1.0, 0.95, 0.85]) * (1 - cover[..., None])
-           + metal[..., None] * np.array([0.96, 0.99, 1.04]) * cover[..., None])
+    img = (
+        back[..., None] * np.array([1.0, 0.95, 0.85]) * (1 - cover[..., None])
+        + metal[..., None] * np.array([0.96, 0.99, 1.04]) * cover[..., None]
+    )
     return img.astype(np.float32), cover
 
 
@@ -145,8 +158,9 @@ def _scratch(rng: np.random.Generator, size: int, centre: np.ndarray) -> np.ndar
     return ndimage.binary_dilation(line, structure=np.ones((width, width), dtype=bool))
 
 
-def _add_defect(img: np.ndarray, region: np.ndarray, kind: str, rng: np.random.Generator,
-                foreign: str) -> tuple[np.ndarray, np.ndarray]:
+def _add_defect(
+    img: np.ndarray, region: np.ndarray, kind: str, rng: np.random.Generator, foreign: str
+) -> tuple[np.ndarray, np.ndarray]:
     """Paint one defect of ``kind`` inside ``region``.
 
     Returns the defective image, float32 (H, W, 3), and its mask, bool (H, W): exactly the
@@ -186,8 +200,12 @@ def _save(path: Path, arr: np.ndarray) -> None:
 def _files(counts: dict[str, int]) -> list[str]:
     """Relative paths of every file a complete category folder holds."""
     names = [f"{split}/{i:03d}.png" for split, n in counts.items() for i in range(n)]
-    return names + [f"ground_truth/{split[5:]}/{i:03d}_mask.png" for split, n in counts.items()
-                    if split.startswith("test/") and split != "test/good" for i in range(n)]
+    return names + [
+        f"ground_truth/{split[5:]}/{i:03d}_mask.png"
+        for split, n in counts.items()
+        if split.startswith("test/") and split != "test/good"
+        for i in range(n)
+    ]
 
 
 def _read_meta(path: Path) -> dict:
@@ -198,9 +216,17 @@ def _read_meta(path: Path) -> dict:
         return {}
 
 
-def make_demo_data(out: str | Path, *, categories: Sequence[str] | None = None, seed: int = 0,
-                   n_train: int = 40, n_test_good: int = 20, n_defective: int = 20,
-                   size: int = 256, overwrite: bool = False) -> Path:
+def make_demo_data(
+    out: str | Path,
+    *,
+    categories: Sequence[str] | None = None,
+    seed: int = 0,
+    n_train: int = 40,
+    n_test_good: int = 20,
+    n_defective: int = 20,
+    size: int = 256,
+    overwrite: bool = False,
+) -> Path:
     """Write the demo data set in MVTec AD layout.
 
     Parameters
@@ -227,8 +253,13 @@ def make_demo_data(out: str | Path, *, categories: Sequence[str] | None = None, 
     bad = [c for c in names if c not in DEMO_CATEGORIES]
     if bad or not names:
         raise ValueError(f"unknown demo category {bad or names!r}; valid: {DEMO_CATEGORIES}")
-    limits = {"n_train": (n_train, 1), "n_test_good": (n_test_good, 1),
-              "n_defective": (n_defective, 1), "size": (size, 32), "seed": (seed, 0)}
+    limits = {
+        "n_train": (n_train, 1),
+        "n_test_good": (n_test_good, 1),
+        "n_defective": (n_defective, 1),
+        "size": (size, 32),
+        "seed": (seed, 0),
+    }
     for arg, (value, least) in limits.items():
         if operator.index(value) < least:
             raise ValueError(f"{arg} must be at least {least}, got {arg}={value}")
@@ -237,10 +268,18 @@ def make_demo_data(out: str | Path, *, categories: Sequence[str] | None = None, 
     for category in names:
         cat = DEMO_CATEGORIES.index(category)
         counts = {"train/good": int(n_train), "test/good": int(n_test_good)}
-        counts |= {f"test/{d}": len(range(k, n_defective, len(DEFECT_TYPES)))
-                   for k, d in enumerate(DEFECT_TYPES)}
-        meta = {"generator": "patchlab.demo", "format": _FORMAT, "category": category,
-                "seed": seed, "size": size, "counts": counts}
+        counts |= {
+            f"test/{d}": len(range(k, n_defective, len(DEFECT_TYPES)))
+            for k, d in enumerate(DEFECT_TYPES)
+        }
+        meta = {
+            "generator": "patchlab.demo",
+            "format": _FORMAT,
+            "category": category,
+            "seed": seed,
+            "size": size,
+            "counts": counts,
+        }
         folder, meta_file = root / category, root / category / "meta.json"
         old = _read_meta(meta_file)
         if not overwrite and old == {**meta, "complete": True}:
@@ -248,8 +287,10 @@ def make_demo_data(out: str | Path, *, categories: Sequence[str] | None = None, 
                 continue
         elif not overwrite and old.get("generator") != meta["generator"] and folder.exists():
             if not folder.is_dir() or any(folder.iterdir()):
-                raise FileExistsError(f"{folder} exists and was not written by make_demo_data; "
-                                      "pass overwrite=True to replace it")
+                raise FileExistsError(
+                    f"{folder} exists and was not written by make_demo_data; "
+                    "pass overwrite=True to replace it"
+                )
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
         meta_file.write_text(json.dumps({**meta, "complete": False}, indent=1))

@@ -135,7 +135,8 @@ def knn(
     if k_search > n_b - excluded:
         raise ValueError(
             f"k={k} is larger than the bank allows: {n_b} bank features, up to {excluded} "
-            f"excluded per query with exclude={exclude!r}; choose k <= {n_b - excluded - (k_search - k)}"
+            f"excluded per query with exclude={exclude!r}; choose "
+            f"k <= {n_b - excluded - (k_search - k)}"
         )
 
     ids = (query_ids, bank_ids) if exclude == "self" else (None, None)

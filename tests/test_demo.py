@@ -111,8 +111,16 @@ def test_deterministic(tmp_path: Path) -> None:
 
 def test_smaller_counts_give_a_prefix(tmp_path: Path) -> None:
     big = _tree(make_demo_data(tmp_path / "big", categories=["gravel"], **SMALL))
-    small = _tree(make_demo_data(tmp_path / "small", categories=["gravel"], n_train=1,
-                                 n_test_good=1, n_defective=3, size=64))
+    small = _tree(
+        make_demo_data(
+            tmp_path / "small",
+            categories=["gravel"],
+            n_train=1,
+            n_test_good=1,
+            n_defective=3,
+            size=64,
+        )
+    )
     assert small.items() <= big.items()
 
 

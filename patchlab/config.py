@@ -1,0 +1,106 @@
+"""The one configuration object of a run: every setting that changes a result lives here."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from patchlab.data import SETTINGS
+from patchlab.knn import BACKENDS, EXCLUDE_MODES
+from patchlab.maps import IMAGE_SCORES
+from patchlab.methods import METHODS
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Settings of one run, from images to metrics.
+
+    Attributes
+    ----------
+    data : str
+        MVTec AD layout folder (holding categories, or one category), or an image folder.
+    category : str, optional
+        Category folder name under ``data``.
+    setting : {"mix", "test", "ano", "train"}
+        Which images form the set (and the memory bank); see :mod:`patchlab.data`.
+    unlabeled : bool
+        ``data`` is a plain folder of images: rank them, no metrics.
+    method : str
+        A key of :data:`patchlab.methods.METHODS`.
+    k : int
+        Neighbours averaged by PatchCluster (Eq. 2).
+    k_max : int, optional
+        Width of the neighbour table (default ``max(k, b)``); any K <= k_max re-scores from it.
+    exclude : {"self", "nearest", "image", "none"}
+        What counts as the patch itself; see :mod:`patchlab.knn`.
+    weights : str
+        ``"none"`` (seeded random), ``"imagenet"`` or a state-dict path.
+    seed : int
+        Seed of the random weights.
+    resize, crop : int
+        Resize side, then centre-crop side; ``crop=None`` resizes straight to 224 (no crop).
+    image_score : {"eq3", "max"}
+        Image score: the paper's Eq. 3 or the plain maximum.
+    b : int
+        Neighbours of f* in Eq. 3.
+    sigma : float
+        Gaussian blur of the maps, in pixels.
+    backend : {"torch", "keops"}
+        kNN backend (exact either way; results do not depend on it).
+    device : str
+        ``"auto"``, ``"cpu"`` or ``"cuda"``.
+    batch_size : int
+        Images per backbone forward pass.
+    cache_dir : str, optional
+        Feature and neighbour cache (default ``$PATCHLAB_CACHE`` or ``~/.cache/patchlab``).
+    """
+
+    data: str
+    category: str | None = None
+    setting: str = "test"
+    unlabeled: bool = False
+    method: str = "patchcluster"
+    k: int = 25
+    k_max: int | None = None
+    exclude: str = "self"
+    weights: str = "none"
+    seed: int = 0
+    resize: int = 256
+    crop: int | None = 224
+    image_score: str = "eq3"
+    b: int = 9
+    sigma: float = 4.0
+    backend: str = "torch"
+    device: str = "auto"
+    batch_size: int = 16
+    cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        choices = {
+            "setting": SETTINGS,
+            "method": tuple(METHODS),
+            "exclude": EXCLUDE_MODES,
+            "image_score": IMAGE_SCORES,
+            "backend": BACKENDS,
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"{name}={getattr(self, name)!r} is unknown; choose one of {', '.join(allowed)}"
+                )
+        for name in ("k", "b", "resize", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.k_max is not None and self.k_max < max(self.k, self.b):
+            raise ValueError(f"k_max={self.k_max} must be >= k={self.k} and b={self.b}")
+        if self.crop is not None and not 1 <= self.crop <= self.resize:
+            raise ValueError(f"crop={self.crop} must lie in [1, resize={self.resize}]")
+        if self.sigma < 0:
+            raise ValueError(f"sigma must be >= 0, got {self.sigma}")
+
+    @property
+    def table_k(self) -> int:
+        """Width of the neighbour table this run needs."""
+        return self.k_max or max(self.k, self.b)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
