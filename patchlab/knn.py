@@ -237,39 +237,42 @@ def _merge(best_d, best_i, d2, r0, c0, transposed=False) -> None:
     swap (rows of the table are the block's columns), which lets the symmetric pass reuse a
     block for both row ranges without copying it. Only entries strictly below a row's current
     k-th best can enter its top-k, so only those are gathered: after the first blocks they are
-    a small fraction of the block.
+    a small fraction of the block. Rows with more than k candidates take a plain top-k of their
+    block row instead, so no candidate table is ever wider than k.
     """
     k = best_d.shape[1]
-    n_rows = d2.shape[1] if transposed else d2.shape[0]
-    kth = best_d[r0 : r0 + n_rows, k - 1]
+    block = d2.T if transposed else d2  # a view: (table rows, candidates)
+    kth = best_d[r0 : r0 + block.shape[0], k - 1]
     if transposed:
-        # transpose the (cheap, 1-byte) mask rather than the block, so that nonzero() comes
-        # out grouped by table row
+        # transpose the (1-byte) mask rather than the block: nonzero() comes out row-grouped
         row, col = (d2 < kth[None, :]).T.contiguous().nonzero(as_tuple=True)
-        vals = d2[col, row]
     else:
-        row, col = (d2 < kth[:, None]).nonzero(as_tuple=True)  # row-major: grouped by row
-        vals = d2[row, col]
+        row, col = (d2 < kth[:, None]).nonzero(as_tuple=True)
     if row.numel() == 0:
         return
-    if row.numel() * 4 > d2.numel():  # dense (first blocks): a plain top-k of the block
-        block = d2.T if transposed else d2
-        cand_d, pos = block.topk(min(k, block.shape[1]), dim=1, largest=False)
-        cand_i = pos + c0
-        target = torch.arange(r0, r0 + n_rows, device=d2.device)
-    else:  # sparse: pad each touched row's candidates into a (touched, width) table
-        touched, counts = torch.unique_consecutive(row, return_counts=True)
+    touched, counts = torch.unique_consecutive(row, return_counts=True)
+    heavy = counts > k
+    parts = []  # (table rows, candidate distances, candidate columns)
+    if heavy.any():  # many candidates: a top-k of the block row
+        rows_h = touched[heavy]
+        vals, pos = block[rows_h].topk(min(k, block.shape[1]), dim=1, largest=False)
+        parts.append((rows_h, vals, pos + c0))
+    if not heavy.all():  # few candidates: pad each row's into a (rows, <= k) table
+        light = torch.repeat_interleave(~heavy, counts)
+        row, col, counts = row[light], col[light], counts[~heavy]
         starts = torch.cumsum(counts, 0) - counts
         slot = torch.arange(row.numel(), device=d2.device) - torch.repeat_interleave(starts, counts)
-        line = torch.repeat_interleave(torch.arange(touched.numel(), device=d2.device), counts)
+        line = torch.repeat_interleave(torch.arange(counts.numel(), device=d2.device), counts)
         width = int(counts.max())
-        cand_d = torch.full((touched.numel(), width), math.inf, device=d2.device)
-        cand_i = torch.full((touched.numel(), width), -1, dtype=torch.int64, device=d2.device)
-        cand_d[line, slot] = vals
+        cand_d = torch.full((counts.numel(), width), math.inf, device=d2.device)
+        cand_i = torch.full((counts.numel(), width), -1, dtype=torch.int64, device=d2.device)
+        cand_d[line, slot] = block[row, col]
         cand_i[line, slot] = col + c0
-        target = touched + r0
-    all_d = torch.cat([best_d[target], cand_d], 1)
-    all_i = torch.cat([best_i[target], cand_i], 1)
-    top_d, pos = all_d.topk(k, dim=1, largest=False)
-    best_d[target] = top_d
-    best_i[target] = all_i.gather(1, pos)
+        parts.append((touched[~heavy], cand_d, cand_i))
+    for rows, cand_d, cand_i in parts:
+        target = rows + r0
+        all_d = torch.cat([best_d[target], cand_d], 1)
+        all_i = torch.cat([best_i[target], cand_i], 1)
+        top_d, pos = all_d.topk(k, dim=1, largest=False)
+        best_d[target] = top_d
+        best_i[target] = all_i.gather(1, pos)

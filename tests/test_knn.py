@@ -1,0 +1,91 @@
+"""The blocked kNN against brute force (float64 distance matrices, tiny sizes only)."""
+
+import numpy as np
+import pytest
+import torch
+from sklearn.neighbors import NearestNeighbors
+
+from patchlab.knn import knn
+
+
+def brute(q, b, k, mask=None):
+    d = torch.cdist(q.double(), b.double())
+    if mask is not None:
+        d[mask] = float("inf")
+    return d.topk(k, dim=1, largest=False)
+
+
+def assert_same(nb, ref_d, ref_i, rtol=1e-4):
+    """Same distances (relative tolerance) and the same neighbours wherever there is no tie."""
+    torch.testing.assert_close(nb.distances.double(), ref_d, rtol=rtol, atol=1e-4)
+    gap = (ref_d[:, 1:] - ref_d[:, :-1]).abs()
+    clear = torch.cat([gap[:, :1], torch.minimum(gap[:, 1:], gap[:, :-1]), gap[:, -1:]], 1) > 1e-3
+    assert (nb.indices[clear] == ref_i[clear]).all()
+
+
+@pytest.fixture
+def clustered():
+    """Patches in a few tight clusters (as real features are), so thresholds prune blocks."""
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(7, 32, generator=g) * 5
+    x = centres[torch.randint(0, 7, (900,), generator=g)] + torch.randn(900, 32, generator=g)
+    return x + 100.0  # far from the origin: the kNN must not lose precision to large norms
+
+
+@pytest.mark.parametrize("block", [64, 256, 2048])
+def test_self_knn_matches_brute_force(clustered, block):
+    nb = knn(clustered, 10, exclude="self", block_size=block, progress=False)
+    ref_d, ref_i = brute(clustered, clustered, 10, torch.eye(900, dtype=torch.bool))
+    assert_same(nb, ref_d, ref_i)
+    assert (nb.indices != torch.arange(900)[:, None]).all()
+
+
+def test_self_knn_matches_sklearn(clustered):
+    nb = knn(clustered, 5, exclude="self", block_size=128, progress=False)
+    d, i = NearestNeighbors(n_neighbors=6).fit(clustered.numpy()).kneighbors()
+    np.testing.assert_allclose(nb.distances.numpy(), d[:, :5], rtol=1e-4)
+
+
+def test_nearest_drops_the_first(clustered):
+    nb = knn(clustered, 8, exclude="nearest", block_size=100, progress=False)
+    ref_d, ref_i = brute(clustered, clustered, 9)
+    assert_same(nb, ref_d[:, 1:], ref_i[:, 1:])
+
+
+def test_image_exclusion(clustered):
+    groups = torch.arange(900) // 30  # 30 "images" of 30 patches
+    nb = knn(clustered, 6, exclude="image", query_groups=groups, block_size=128, progress=False)
+    ref_d, ref_i = brute(clustered, clustered, 6, groups[:, None] == groups[None, :])
+    assert_same(nb, ref_d, ref_i)
+    assert (groups[nb.indices] != groups[:, None]).all()
+
+
+def test_separate_bank_with_ids(clustered):
+    bank_rows = torch.arange(0, 900, 3)  # a subset of the patches, e.g. a coreset
+    nb = knn(clustered, 4, clustered[bank_rows], exclude="self", query_ids=torch.arange(900),
+             bank_ids=bank_rows, block_size=100, progress=False)
+    ref_d, ref_i = brute(clustered, clustered[bank_rows], 4,
+                         torch.arange(900)[:, None] == bank_rows[None, :])
+    assert_same(nb, ref_d, ref_i)
+
+
+def test_no_exclusion_separate_bank():
+    g = torch.Generator().manual_seed(1)
+    q, b = torch.randn(300, 16, generator=g), torch.randn(500, 16, generator=g)
+    nb = knn(q, 7, b, exclude="none", block_size=64, progress=False)
+    assert_same(nb, *brute(q, b, 7))
+
+
+def test_bad_arguments(clustered):
+    with pytest.raises(ValueError, match="k=900 is larger than the bank"):
+        knn(clustered, 900, progress=False)
+    with pytest.raises(ValueError, match="k must be a positive integer"):
+        knn(clustered, 0, progress=False)
+    with pytest.raises(ValueError, match="exclude='itself' is unknown"):
+        knn(clustered, 3, exclude="itself", progress=False)
+    with pytest.raises(ValueError, match="needs query_groups"):
+        knn(clustered, 3, exclude="image", progress=False)
+    with pytest.raises(ValueError, match="needs query_ids and bank_ids"):
+        knn(clustered, 3, clustered[:10], exclude="self", progress=False)
+    with pytest.raises(ValueError, match="same width"):
+        knn(clustered, 3, clustered[:, :5], exclude="none", progress=False)
