@@ -118,7 +118,9 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", default=list(DEFAULT_SIZES))
     parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--child", nargs=4, metavar=("BACKEND", "N", "D", "K"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--child", nargs=4, metavar=("BACKEND", "N", "D", "K"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
     if args.child:
         backend, n, d, k = args.child[0], *map(int, args.child[1:])
@@ -126,15 +128,26 @@ def main() -> None:
         return
 
     print(f"device={args.device} threads={os.cpu_count()} python={sys.version.split()[0]}")
-    header = f"{'N x d, K':>18}  {'backend':>8}  {'seconds':>8}  {'vs faiss':>8}  {'peak MB':>8}  same"
+    header = (
+        f"{'N x d, K':>18}  {'backend':>8}  {'seconds':>8}  {'vs faiss':>8}  {'peak MB':>8}  same"
+    )
     print(header)
     for size in args.sizes:
         n, d, k = map(int, size.split("x"))
         results = {}
         order = ["faiss"] + [b for b in args.backends if b != "faiss"]
         for backend in order if "faiss" in args.backends else args.backends:
-            cmd = [sys.executable, __file__, "--child", backend, str(n), str(d), str(k),
-                   "--device", args.device]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--child",
+                backend,
+                str(n),
+                str(d),
+                str(k),
+                "--device",
+                args.device,
+            ]
             out = subprocess.run(cmd, capture_output=True, text=True)
             if out.returncode != 0:
                 results[backend] = {"skipped": out.stderr.strip().splitlines()[-1][:120]}

@@ -1,10 +1,10 @@
 """The ``patchlab`` command.
 
-    patchlab demo                      generate the demo data (if absent), run PatchCluster and
-                                       PatchCore on every demo category, print one table
-    patchlab demo-data OUT             write the offline demo data set to OUT
-    patchlab run DATA --category C     one run; writes metrics.json, image_scores.csv, maps.npz
-    patchlab run FOLDER --unlabeled    rank a plain folder of images
+patchlab demo                      generate the demo data (if absent), run PatchCluster and
+                                   PatchCore on every demo category, print one table
+patchlab demo-data OUT             write the offline demo data set to OUT
+patchlab run DATA --category C     one run; writes metrics.json, image_scores.csv, maps.npz
+patchlab run FOLDER --unlabeled    rank a plain folder of images
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import fields
-from pathlib import Path
 
 from patchlab.config import RunConfig
 from patchlab.data import SETTINGS
@@ -97,8 +96,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_demo_data(args: argparse.Namespace) -> int:
-    out = make_demo_data(args.out, categories=args.categories, seed=args.seed,
-                         overwrite=args.overwrite)
+    out = make_demo_data(
+        args.out, categories=args.categories, seed=args.seed, overwrite=args.overwrite
+    )
     print(f"demo data in {out}: {', '.join(args.categories)}")
     return 0
 
@@ -112,12 +112,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
         config = _config(args, data=str(root), category=category, method="patchcluster")
         first = run(config, progress=not args.quiet)
         rows.append((f"{category} patchcluster K={config.k}", first.metrics))
-        core = rescore(_config(args, data=str(root), category=category, method="patchcore"),
-                       first.images, first.features, first.neighbours, first.masks)
+        core = rescore(
+            _config(args, data=str(root), category=category, method="patchcore"),
+            first.images,
+            first.features,
+            first.neighbours,
+            first.masks,
+        )
         rows.append((f"{category} patchcore", core.metrics))
-    print(f"\nweights={args.weights!r} setting={args.setting} exclude={args.exclude}"
-          + (" (random weights: image AUROC near chance is expected)" if args.weights == "none"
-             else ""))
+    print(
+        f"\nweights={args.weights!r} setting={args.setting} exclude={args.exclude}"
+        + (
+            " (random weights: image AUROC near chance is expected)"
+            if args.weights == "none"
+            else ""
+        )
+    )
     print(_format_table(rows))
     return 0
 
@@ -129,8 +139,10 @@ def _format_table(rows: list[tuple[str, dict]]) -> str:
     width = max(len(name) for name, _ in rows)
     lines = [f"{'run':<{width}}  image_auroc  pixel_auroc    pro"]
     for name, m in rows:
-        lines.append(f"{name:<{width}}  {cell(m['image_auroc']):>11}  "
-                     f"{cell(m['pixel_auroc']):>11}  {cell(m['pro']):>5}")
+        lines.append(
+            f"{name:<{width}}  {cell(m['image_auroc']):>11}  "
+            f"{cell(m['pixel_auroc']):>11}  {cell(m['pro']):>5}"
+        )
     return "\n".join(lines)
 
 

@@ -24,7 +24,7 @@ DEMO_CATEGORIES: tuple[str, ...] = ("brick", "gravel", "grass", "washer")
 DEFECT_TYPES: tuple[str, ...] = ("scratch", "hole", "stain")
 _FOREIGN = {"brick": "grass", "gravel": "brick", "grass": "gravel", "washer": "gravel"}
 _CROP = 256  # side, in source pixels, of the crop cut from a 512x512 photograph
-_FORMAT = 1  # bump whenever the generator's output changes: older folders are then regenerated
+_FORMAT = 2  # bump whenever the generator's output changes: older folders are then regenerated
 
 
 def demo_path(root: str | Path | None = None) -> Path:
@@ -142,9 +142,9 @@ def _blob(rng: np.random.Generator, size: int, centre: np.ndarray, radius: float
 
 
 def _scratch(rng: np.random.Generator, size: int, centre: np.ndarray) -> np.ndarray:
-    """A thin curved line (quadratic Bezier, 2-4 px wide) through ``centre``; bool (size, size)."""
+    """A curved line (quadratic Bezier, 5-8 px wide) through ``centre``; bool (size, size)."""
     s = size / 256
-    length, phi = rng.uniform(0.4, 0.8) * size, rng.uniform(0, 2 * np.pi)
+    length, phi = rng.uniform(0.4, 0.7) * size, rng.uniform(0, 2 * np.pi)
     start = centre - length / 2 * np.array([np.sin(phi), np.cos(phi)])
     end = 2 * centre - start
     normal = np.array([np.cos(phi), -np.sin(phi)])
@@ -154,7 +154,7 @@ def _scratch(rng: np.random.Generator, size: int, centre: np.ndarray) -> np.ndar
     pts = pts[((pts >= 0) & (pts < size)).all(axis=1)]
     line = np.zeros((size, size), dtype=bool)
     line[pts[:, 0], pts[:, 1]] = True
-    width = max(2, round(int(rng.integers(2, 5)) * s))
+    width = max(2, round(int(rng.integers(5, 9)) * s))
     return ndimage.binary_dilation(line, structure=np.ones((width, width), dtype=bool))
 
 
@@ -163,31 +163,49 @@ def _add_defect(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Paint one defect of ``kind`` inside ``region``.
 
+    Defects are strong in brightness, as real ones on these surfaces are: a scratch is a bright
+    streak (a dark one on bright metal), a hole is near black, a stain is dark rust brown with
+    the surface's (and photograph ``foreign``'s) texture showing through. They lie inside the
+    central 224x224 crop the pipeline sees, their centres at least 30 px (at size 256) from its
+    border, so the crop never cuts most of a defect away.
+
     Returns the defective image, float32 (H, W, 3), and its mask, bool (H, W): exactly the
-    painted pixels. Redraws (deterministically) until the mask covers at least 0.3 % of the image.
+    painted pixels. Redraws (deterministically) until the mask covers at least 0.5 % of the image.
     """
     size, s = img.shape[0], img.shape[0] / 256
+    inside = np.zeros((size, size), dtype=bool)  # the centre crop, less a 4 px margin
+    lo = int(round(20 * s))
+    inside[lo : size - lo, lo : size - lo] = True
+    middle = np.zeros((size, size), dtype=bool)  # where centres go
+    lo = int(round(46 * s))
+    middle[lo : size - lo, lo : size - lo] = True
+    region = region & inside
     inner = ndimage.binary_erosion(region, iterations=max(1, int(12 * s)), border_value=0)
-    candidates = np.argwhere(inner if inner.any() else region)
+    for allowed in (inner & middle, region & middle, region):
+        if allowed.any():
+            break
+    candidates = np.argwhere(allowed)
     mask = np.zeros((size, size), dtype=bool)
-    while mask.sum() < 0.003 * size * size:
+    while mask.sum() < 0.005 * size * size:
         centre = candidates[rng.integers(len(candidates))].astype(np.float64)
         if kind == "scratch":
             mask = _scratch(rng, size, centre) & region
         elif kind == "hole":
-            mask = _blob(rng, size, centre, rng.uniform(15, 25) * s) & region
+            mask = _blob(rng, size, centre, rng.uniform(17, 25) * s) & region
         else:
-            mask = _blob(rng, size, centre, rng.uniform(19, 31) * s) & region
+            mask = _blob(rng, size, centre, rng.uniform(20, 28) * s) & region
     out = img.copy()
+    n = int(mask.sum())
     if kind == "scratch":
-        level = 15.0 if img[mask].mean() > 110 else 245.0
-        out[mask] = level + rng.normal(0, 4, size=(int(mask.sum()), 1))
+        level = 15.0 if img[mask].mean() > 150 else 245.0
+        out[mask] = level + rng.normal(0, 4, size=(n, 1))
     elif kind == "hole":
-        depth = ndimage.distance_transform_edt(mask)[mask] / max(1.0, 6 * s)
-        out[mask] = (45 - 30 * np.clip(depth, 0, 1))[:, None]
+        depth = ndimage.distance_transform_edt(mask)[mask] / max(1.0, 4 * s)
+        out[mask] = (30 - 22 * np.clip(depth, 0, 1))[:, None]
     else:
-        stain = _texture(foreign, rng, size)[mask][:, None] * np.array([1.3, 0.7, 0.35])
-        out[mask] = 0.2 * img[mask] + 0.8 * stain
+        texture = 0.6 * img[mask].mean(axis=1) + 0.4 * _texture(foreign, rng, size)[mask]
+        shade = 0.5 + 0.5 * np.clip(texture / 255, 0, 1)
+        out[mask] = shade[:, None] * np.array([150.0, 55.0, 10.0])
     return out, mask
 
 

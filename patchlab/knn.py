@@ -214,7 +214,29 @@ def _knn_torch(queries, bank, k, symmetric, ids, groups, block_size, progress):
         _merge(best_d, best_i, d2, r0, c0)
         if symmetric and c0 != r0:
             _merge(best_d, best_i, d2, c0, r0, transposed=True)
+    _refine_near_duplicates(best_d, best_i, q, b, q_norm, b_norm)
     return best_d, best_i
+
+
+def _refine_near_duplicates(best_d, best_i, q, b, q_norm, b_norm, rel: float = 1e-3) -> None:
+    """Recompute, as ||f - m||^2 directly, the distances that the GEMM form cannot resolve.
+
+    ||f||^2 + ||m||^2 - 2<f, m> loses about eps * (||f||^2 + ||m||^2) to rounding: for near
+    duplicates (overlapping patches) that is the whole distance. Those few entries are
+    recomputed from the difference, and their rows re-sorted.
+    """
+    found = best_i >= 0
+    scale = q_norm[:, None] + b_norm[best_i.clamp_min(0)]
+    rows, cols = ((best_d < rel * scale) & found).nonzero(as_tuple=True)
+    if rows.numel() == 0:
+        return
+    for s in range(0, rows.numel(), 65536):  # bounded memory: 65536 x d at a time
+        r, c = rows[s : s + 65536], cols[s : s + 65536]
+        best_d[r, c] = (q[r] - b[best_i[r, c]]).pow(2).sum(1)
+    touched = torch.unique(rows)
+    order = best_d[touched].argsort(dim=1, stable=True)
+    best_d[touched] = best_d[touched].gather(1, order)
+    best_i[touched] = best_i[touched].gather(1, order)
 
 
 def _mask_excluded(d2, r0, r1, c0, c1, ids, groups, symmetric) -> None:

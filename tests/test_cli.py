@@ -13,8 +13,21 @@ from patchlab.cli import main
 
 def test_run_writes_metrics_scores_and_maps(tiny_demo, tmp_path):
     out = tmp_path / "out"
-    code = main(["run", str(tiny_demo), "--category", "brick", "--setting", "mix", "--k", "5",
-                 "--out", str(out), "--quiet"])
+    code = main(
+        [
+            "run",
+            str(tiny_demo),
+            "--category",
+            "brick",
+            "--setting",
+            "mix",
+            "--k",
+            "5",
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
     assert code == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n_images"] == 9 and metrics["n_patches"] == 9 * 28 * 28
@@ -24,19 +37,24 @@ def test_run_writes_metrics_scores_and_maps(tiny_demo, tmp_path):
     assert maps["masks"].dtype == np.uint8 and len(maps["paths"]) == 9
     # the stored metrics agree with an independent computation from the stored arrays
     assert metrics["image_auroc"] == pytest.approx(
-        roc_auc_score(maps["labels"], maps["image_scores"]))
+        roc_auc_score(maps["labels"], maps["image_scores"])
+    )
     assert metrics["pixel_auroc"] == pytest.approx(
-        roc_auc_score(maps["masks"].ravel(), maps["maps"].ravel()), abs=1e-9)
+        roc_auc_score(maps["masks"].ravel(), maps["maps"].ravel()), abs=1e-9
+    )
     with open(out / "image_scores.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 9 and [float(r["score"]) for r in rows] == sorted(
-        (float(r["score"]) for r in rows), reverse=True)
+        (float(r["score"]) for r in rows), reverse=True
+    )
 
 
 def test_run_on_an_unlabelled_folder(tiny_demo, tmp_path, capsys):
     folder = tiny_demo / "brick" / "test"
-    assert main(["run", str(folder), "--unlabeled", "--k", "3", "--out", str(tmp_path),
-                 "--quiet"]) == 0
+    assert (
+        main(["run", str(folder), "--unlabeled", "--k", "3", "--out", str(tmp_path), "--quiet"])
+        == 0
+    )
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["image_auroc"] is None and metrics["n_images"] == 6
     assert (np.load(tmp_path / "maps.npz")["labels"] == -1).all()

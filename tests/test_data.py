@@ -3,9 +3,9 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from conftest import SHARED_TILE
 from PIL import Image
 
-from conftest import SHARED_TILE
 from patchlab.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -25,7 +25,9 @@ def test_settings_on_demo(tiny_demo):
     assert (len(mix), len(test), len(ano), len(train)) == (9, 6, 3, 3)
     assert sorted(test.labels.tolist()) == [0, 0, 0, 1, 1, 1]
     assert ano.labels.all() and not train.labels.any()
-    assert all((m is None) == (t == "good") for m, t in zip(mix.mask_paths, mix.defect_types))
+    assert all(
+        (m is None) == (t == "good") for m, t in zip(mix.mask_paths, mix.defect_types, strict=True)
+    )
     # a category folder can be passed directly
     assert load_mvtec(tiny_demo / "brick", None, "test").paths == test.paths
 
@@ -66,7 +68,7 @@ def test_every_mode_becomes_rgb(tmp_path, mode):
     rgb = read_rgb(path)
     assert rgb.mode == "RGB" and rgb.size == (64, 64)
     out = np.asarray(rgb)
-    assert out[..., 0].max() >= 250 and out[..., 0].min() <= 5  # the range survives (not /257 twice)
+    assert out[..., 0].max() >= 250 and out[..., 0].min() <= 5  # full range kept
 
 
 def test_truncated_image_names_the_file(tmp_path):
@@ -130,6 +132,9 @@ def test_folder_is_recursive_and_warns_about_other_files(tmp_path):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         images = load_folder(tmp_path)
-    assert [p.relative_to(tmp_path).as_posix() for p in images.paths] == ["a/b/two.jpg", "a/one.png"]
+    assert [p.relative_to(tmp_path).as_posix() for p in images.paths] == [
+        "a/b/two.jpg",
+        "a/one.png",
+    ]
     assert (images.labels == -1).all() and not images.has_labels
     assert any("1 non-image file" in str(w.message) for w in caught)

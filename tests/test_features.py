@@ -70,8 +70,9 @@ def test_weights_from_a_state_dict_file(tmp_path):
         assert torch.equal(a, b)
     assert not torch.equal(next(build_backbone("none", 6).parameters()), next(model.parameters()))
     torch.save({"state_dict": model.state_dict()}, tmp_path / "wrapped.pth")
-    assert torch.equal(next(build_backbone(tmp_path / "wrapped.pth").parameters()),
-                       next(model.parameters()))
+    assert torch.equal(
+        next(build_backbone(tmp_path / "wrapped.pth").parameters()), next(model.parameters())
+    )
     torch.save({"fc.weight": torch.zeros(3)}, tmp_path / "bad.pth")
     with pytest.raises(ValueError, match="bad.pth is not a WideResNet-50-2 state dict"):
         build_backbone(tmp_path / "bad.pth")

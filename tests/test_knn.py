@@ -62,10 +62,19 @@ def test_image_exclusion(clustered):
 
 def test_separate_bank_with_ids(clustered):
     bank_rows = torch.arange(0, 900, 3)  # a subset of the patches, e.g. a coreset
-    nb = knn(clustered, 4, clustered[bank_rows], exclude="self", query_ids=torch.arange(900),
-             bank_ids=bank_rows, block_size=100, progress=False)
-    ref_d, ref_i = brute(clustered, clustered[bank_rows], 4,
-                         torch.arange(900)[:, None] == bank_rows[None, :])
+    nb = knn(
+        clustered,
+        4,
+        clustered[bank_rows],
+        exclude="self",
+        query_ids=torch.arange(900),
+        bank_ids=bank_rows,
+        block_size=100,
+        progress=False,
+    )
+    ref_d, ref_i = brute(
+        clustered, clustered[bank_rows], 4, torch.arange(900)[:, None] == bank_rows[None, :]
+    )
     assert_same(nb, ref_d, ref_i)
 
 
@@ -89,3 +98,38 @@ def test_bad_arguments(clustered):
         knn(clustered, 3, clustered[:10], exclude="self", progress=False)
     with pytest.raises(ValueError, match="same width"):
         knn(clustered, 3, clustered[:, :5], exclude="none", progress=False)
+
+
+def test_duplicates_far_from_the_origin_get_exact_distances():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(200, 64, generator=g) * 0.01 + 300.0  # tiny distances, huge norms
+    x[100:] = x[:100]  # every point has an exact duplicate
+    x[150] += 1e-3
+    nb = knn(x, 3, exclude="self", block_size=64, progress=False)
+    ref_d, ref_i = brute(x, x, 3, torch.eye(200, dtype=torch.bool))
+    exact = torch.ones(100, dtype=torch.bool)
+    exact[50] = False  # its twin x[150] was moved by 1e-3
+    assert (nb.distances[:100][exact, 0] == 0).all()
+    assert float(nb.distances[50, 0]) == pytest.approx(float(ref_d[50, 0]), rel=1e-4)
+    torch.testing.assert_close(nb.distances.double(), ref_d, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("exclude", ["self", "nearest", "image", "none"])
+def test_keops_agrees_with_torch(clustered, exclude):
+    pytest.importorskip("pykeops")
+    groups = torch.arange(900) // 30
+    kw = dict(exclude=exclude, query_groups=groups, progress=False)
+    a = knn(clustered, 7, block_size=256, **kw)
+    b = knn(clustered, 7, backend="keops", block_size=400, **kw)
+    torch.testing.assert_close(a.distances, b.distances, rtol=1e-4, atol=1e-4)
+    assert (a.indices == b.indices).float().mean() > 0.999
+
+
+def test_keops_with_a_separate_bank(clustered):
+    pytest.importorskip("pykeops")
+    bank_rows = torch.arange(0, 900, 4)
+    kw = dict(exclude="self", query_ids=torch.arange(900), bank_ids=bank_rows, progress=False)
+    a = knn(clustered, 5, clustered[bank_rows], **kw)
+    b = knn(clustered, 5, clustered[bank_rows], backend="keops", **kw)
+    torch.testing.assert_close(a.distances, b.distances, rtol=1e-4, atol=1e-4)
+    assert torch.equal(a.indices, b.indices)

@@ -22,8 +22,7 @@ def test_patchcluster_is_eq2_mean_of_k_distances(bank):
     # kneighbors() without X leaves each training point out of its own neighbours
     d, _ = NearestNeighbors(n_neighbors=20).fit(bank.numpy()).kneighbors()
     for k in (1, 5, 20):
-        np.testing.assert_allclose(patchcluster(table, k).numpy(), d[:, :k].mean(1),
-                                   rtol=1e-4)
+        np.testing.assert_allclose(patchcluster(table, k).numpy(), d[:, :k].mean(1), rtol=1e-4)
     np.testing.assert_allclose(patchcore(table).numpy(), d[:, 0], rtol=1e-4)
     assert torch.equal(patchcluster(table, 1), patchcore(table))  # K = 1 is PatchCore
 
