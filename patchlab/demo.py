@@ -24,7 +24,7 @@ DEMO_CATEGORIES: tuple[str, ...] = ("brick", "gravel", "grass", "washer")
 DEFECT_TYPES: tuple[str, ...] = ("scratch", "hole", "stain")
 _FOREIGN = {"brick": "grass", "gravel": "brick", "grass": "gravel", "washer": "gravel"}
 _CROP = 256  # side, in source pixels, of the crop cut from a 512x512 photograph
-_FORMAT = 2  # bump whenever the generator's output changes: older folders are then regenerated
+_FORMAT = 3  # bump whenever the generator's output changes: older folders are then regenerated
 
 
 def demo_path(root: str | Path | None = None) -> Path:
@@ -193,7 +193,7 @@ def _add_defect(
         elif kind == "hole":
             mask = _blob(rng, size, centre, rng.uniform(17, 25) * s) & region
         else:
-            mask = _blob(rng, size, centre, rng.uniform(20, 28) * s) & region
+            mask = _blob(rng, size, centre, rng.uniform(22, 30) * s) & region
     out = img.copy()
     n = int(mask.sum())
     if kind == "scratch":
@@ -203,9 +203,9 @@ def _add_defect(
         depth = ndimage.distance_transform_edt(mask)[mask] / max(1.0, 4 * s)
         out[mask] = (30 - 22 * np.clip(depth, 0, 1))[:, None]
     else:
-        texture = 0.6 * img[mask].mean(axis=1) + 0.4 * _texture(foreign, rng, size)[mask]
-        shade = 0.5 + 0.5 * np.clip(texture / 255, 0, 1)
-        out[mask] = shade[:, None] * np.array([150.0, 55.0, 10.0])
+        texture = 0.75 * img[mask].mean(axis=1) + 0.25 * _texture(foreign, rng, size)[mask]
+        shade = 0.4 + 0.6 * np.clip(texture / 255, 0, 1)
+        out[mask] = shade[:, None] * np.array([130.0, 48.0, 10.0])
     return out, mask
 
 

@@ -72,6 +72,10 @@ def test_full_category_counts_and_defect_area(full_washer: Path) -> None:
     fractions = [(_load(p) > 0).mean() for p in masks]
     assert min(fractions) > 0
     assert 0.01 <= np.mean(fractions) <= 0.03
+    for path in masks:  # every defect lies inside the 224x224 centre crop the pipeline sees
+        mask = _load(path) > 0
+        mask[16:240, 16:240] = False
+        assert not mask.any()
 
 
 def test_object_moves_and_turns(full_washer: Path) -> None:

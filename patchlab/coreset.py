@@ -1,0 +1,100 @@
+"""Approximate greedy coreset (PatchCore's k-centre selection), in O(N) memory.
+
+The bank is first projected to 128 dimensions by a seeded random linear map; distances in the
+projection approximate those of the 1024-d features. Then, from a set of random starting
+points, farthest-point iterations pick the patch farthest from everything picked so far:
+
+    r(f)     <- mean_{s in starts} ||P f - P s||           (anchor distance)
+    repeat M times:
+        c    <- argmax_f r(f)                               (the next coreset member)
+        r(f) <- min(r(f), ||P f - P c||)                    (running minimum, in place)
+
+This is exactly the loop of patchcore-inspection's ``ApproximateGreedyCoresetSampler``. Each
+iteration needs one distance column, computed with precomputed norms,
+||a - c||^2 = ||a||^2 + ||c||^2 - 2 <a, c>, written into preallocated buffers: no N x N matrix,
+no allocation inside the loop.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+PROJECTION_DIM = 128
+N_STARTS = 10
+
+
+def project(features: torch.Tensor, dim: int = PROJECTION_DIM, seed: int = 0) -> torch.Tensor:
+    """Seeded random linear projection (PatchCore's ``torch.nn.Linear(d, dim, bias=False)``).
+
+    Parameters
+    ----------
+    features : torch.Tensor, shape (n, d)
+
+    Returns
+    -------
+    torch.Tensor, shape (n, dim), float32 (the features themselves when d <= dim)
+    """
+    if features.shape[1] <= dim:
+        return features.float()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        mapper = torch.nn.Linear(features.shape[1], dim, bias=False)
+    with torch.no_grad():
+        return mapper.to(features.device)(features.float())
+
+
+def greedy_coreset(
+    features: torch.Tensor,
+    ratio: float,
+    *,
+    seed: int = 0,
+    projection_dim: int = PROJECTION_DIM,
+    progress: bool = True,
+) -> torch.Tensor:
+    """Indices of an approximate greedy k-centre coreset.
+
+    Parameters
+    ----------
+    features : torch.Tensor, shape (n, d)
+        The memory bank (any device).
+    ratio : float in (0, 1]
+        Coreset size as a fraction of n (1 returns every index).
+    seed : int
+        Seed of the projection and of the starting points.
+    projection_dim : int
+        Dimension of the random projection.
+
+    Returns
+    -------
+    torch.Tensor, shape (max(1, int(n * ratio)),), int64
+        Bank rows, in the order they were picked.
+    """
+    if not 0 < ratio <= 1:
+        raise ValueError(f"coreset ratio must lie in (0, 1], got {ratio}")
+    n = features.shape[0]
+    if ratio == 1:
+        return torch.arange(n)
+    m = max(1, int(n * ratio))
+    x = project(features, projection_dim, seed)
+    starts = np.random.default_rng(seed).choice(n, min(N_STARTS, n), replace=False)
+    return torch.from_numpy(_farthest_points(x, starts, m, progress))
+
+
+def _farthest_points(x: torch.Tensor, starts: np.ndarray, m: int, progress: bool) -> np.ndarray:
+    """The greedy loop; ``x`` (n, p) projected features, ``starts`` the anchor rows."""
+    norms = (x * x).sum(1)  # ||a||^2, once
+    # anchor distance: mean Euclidean distance to the starting points
+    d2 = norms[:, None] + norms[starts][None, :] - 2 * x @ x[starts].T
+    running = d2.clamp_min_(0).sqrt_().mean(1)
+    column = torch.empty_like(running)
+    picked = np.empty(m, np.int64)
+    for t in tqdm(range(m), desc="coreset", unit="pt", disable=not progress, mininterval=0.5):
+        c = int(torch.argmax(running))
+        picked[t] = c
+        # ||a - c|| for every a, into a preallocated column
+        torch.mv(x, x[c], out=column)
+        column.mul_(-2).add_(norms).add_(norms[c]).clamp_min_(0).sqrt_()
+        torch.minimum(running, column, out=running)
+    return picked
