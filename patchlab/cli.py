@@ -37,6 +37,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--cache-dir", default=None)
+    p.add_argument("--coreset", type=float, default=1.0, help="bank fraction in (0, 1]")
+    p.add_argument("--k-img", type=int, default=50, help="SPADE: nearest images")
+    p.add_argument("--mutual-ratio", type=float, default=0.3, help="mutual: share of images")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 

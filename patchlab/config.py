@@ -52,6 +52,12 @@ class RunConfig:
         Images per backbone forward pass.
     cache_dir : str, optional
         Feature and neighbour cache (default ``$PATCHLAB_CACHE`` or ``~/.cache/patchlab``).
+    coreset : float
+        Memory bank size as a fraction of all patches, in (0, 1] (greedy coreset when < 1).
+    k_img : int
+        SPADE: nearest images (by global feature) whose patches form each image's gallery.
+    mutual_ratio : float
+        Mutual scoring: the share of other images whose minima are averaged.
     """
 
     data: str
@@ -73,6 +79,9 @@ class RunConfig:
     device: str = "auto"
     batch_size: int = 16
     cache_dir: str | None = None
+    coreset: float = 1.0
+    k_img: int = 50
+    mutual_ratio: float = 0.3
 
     def __post_init__(self) -> None:
         choices = {
@@ -94,6 +103,10 @@ class RunConfig:
             raise ValueError(f"k_max={self.k_max} must be >= k={self.k} and b={self.b}")
         if self.crop is not None and not 1 <= self.crop <= self.resize:
             raise ValueError(f"crop={self.crop} must lie in [1, resize={self.resize}]")
+        if not 0 < self.coreset <= 1:
+            raise ValueError(f"coreset ratio must lie in (0, 1], got {self.coreset}")
+        if self.k_img < 1 or not 0 < self.mutual_ratio <= 1:
+            raise ValueError("k_img must be >= 1 and mutual_ratio in (0, 1]")
         if self.sigma < 0:
             raise ValueError(f"sigma must be >= 0, got {self.sigma}")
 

@@ -83,18 +83,28 @@ def greedy_coreset(
 
 
 def _farthest_points(x: torch.Tensor, starts: np.ndarray, m: int, progress: bool) -> np.ndarray:
-    """The greedy loop; ``x`` (n, p) projected features, ``starts`` the anchor rows."""
-    norms = (x * x).sum(1)  # ||a||^2, once
+    """The greedy loop; ``x`` (n, p) projected features, ``starts`` the anchor rows.
+
+    On the CPU it runs in numpy with the reference sampler's arithmetic, operation for
+    operation, so it picks the same indices; on CUDA the same loop runs in torch.
+    """
+    xp = np if x.device.type == "cpu" else torch
+    x = x.numpy() if xp is np else x
+    norms = (np.einsum("ij,ij->i", x, x) if xp is np else (x * x).sum(1))[:, None]  # ||a||^2
     # anchor distance: mean Euclidean distance to the starting points
-    d2 = norms[:, None] + norms[starts][None, :] - 2 * x @ x[starts].T
-    running = d2.clamp_min_(0).sqrt_().mean(1)
-    column = torch.empty_like(running)
+    d2 = -2 * (x @ x[starts].T) + norms + norms[starts].T
+    running = xp.sqrt(xp.clip(d2, 0, None)).mean(-1).reshape(-1, 1)
+    column = xp.empty_like(running)
     picked = np.empty(m, np.int64)
     for t in tqdm(range(m), desc="coreset", unit="pt", disable=not progress, mininterval=0.5):
-        c = int(torch.argmax(running))
+        c = int(xp.argmax(running))
         picked[t] = c
-        # ||a - c|| for every a, into a preallocated column
-        torch.mv(x, x[c], out=column)
-        column.mul_(-2).add_(norms).add_(norms[c]).clamp_min_(0).sqrt_()
-        torch.minimum(running, column, out=running)
+        # ||a - c|| = sqrt(max(0, -2 <a, c> + ||a||^2 + ||c||^2)), into a preallocated column
+        xp.matmul(x, x[c : c + 1].T, out=column)
+        column *= -2
+        column += norms
+        column += norms[c]
+        xp.clip(column, 0, None, out=column)
+        xp.sqrt(column, out=column)
+        xp.minimum(running, column, out=running)
     return picked

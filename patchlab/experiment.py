@@ -1,7 +1,7 @@
 """One run, from a :class:`~patchlab.config.RunConfig` to maps, scores and metrics.
 
-images -> features (cached) -> neighbour table (cached) -> patch scores -> maps
-       -> image scores -> metrics
+images -> features (cached) -> [coreset] -> neighbour table (cached) -> patch scores
+       -> maps -> image scores -> metrics
 """
 
 from __future__ import annotations
@@ -15,13 +15,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from patchlab.cache import atomic_save, default_cache_dir
+from patchlab.cache import atomic_save, cache_key, default_cache_dir
 from patchlab.config import RunConfig
+from patchlab.coreset import greedy_coreset
 from patchlab.data import ImageSet, load_folder, load_masks, load_mvtec
 from patchlab.features import extract_features, feature_key, resolve_device
 from patchlab.knn import Neighbours, knn
 from patchlab.maps import anomaly_maps, image_scores
-from patchlab.methods import score_patches
+from patchlab.methods import METHODS, ScoringInputs, score_patches
 from patchlab.metrics import evaluate
 
 
@@ -33,25 +34,29 @@ class Result:
     ----------
     config : RunConfig
     images : ImageSet
-    features : torch.Tensor, shape (n, h, w, d)
-    neighbours : Neighbours, (n * h * w, k_max) table
+    inputs : ScoringInputs
+        Features, neighbour table, coreset rows and global features the scores came from.
     patch_scores : torch.Tensor, shape (n, h, w)
     maps : np.ndarray, shape (n, S, S), float32
     image_scores : np.ndarray, shape (n,)
     masks : np.ndarray, shape (n, S, S), uint8
     metrics : dict
-        image_auroc, pixel_auroc, pro (None where undefined), n_images, n_patches, seconds.
+        image_auroc, pixel_auroc, pro (None where undefined), n_images, n_patches, n_bank,
+        image_score (the rule used), seconds per stage.
     """
 
     config: RunConfig
     images: ImageSet
-    features: torch.Tensor
-    neighbours: Neighbours
+    inputs: ScoringInputs
     patch_scores: torch.Tensor
     maps: np.ndarray
     image_scores: np.ndarray
     masks: np.ndarray
     metrics: dict = field(default_factory=dict)
+
+    @property
+    def features(self) -> torch.Tensor:
+        return self.inputs.features
 
 
 def load_images(config: RunConfig) -> ImageSet:
@@ -61,8 +66,10 @@ def load_images(config: RunConfig) -> ImageSet:
     return load_mvtec(config.data, config.category, config.setting)
 
 
-def run(config: RunConfig, progress: bool = True) -> Result:
-    """Run the whole pipeline once; features and neighbours come from the cache when present."""
+def prepare(
+    config: RunConfig, progress: bool = True
+) -> tuple[ImageSet, ScoringInputs, np.ndarray, dict]:
+    """Everything expensive a config's method needs: images, masks, features, neighbours."""
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -75,8 +82,7 @@ def run(config: RunConfig, progress: bool = True) -> Result:
     images = load_images(config)
     masks = load_masks(images, config.resize, config.crop)
     lap("load")
-    features = extract_features(
-        images,
+    common = dict(
         weights=config.weights,
         seed=config.seed,
         resize=config.resize,
@@ -86,79 +92,133 @@ def run(config: RunConfig, progress: bool = True) -> Result:
         cache_dir=config.cache_dir,
         progress=progress,
     )
+    features = extract_features(images, **common)
+    method = METHODS[config.method]
+    global_features = (
+        extract_features(images, kind="global", **common) if method.uses_global else None
+    )
     lap("features")
-    neighbours = neighbour_table(images, features, config, progress=progress)
-    lap("neighbours")
-    result = rescore(config, images, features, neighbours, masks)
+    table, bank_rows = None, None
+    if method.uses_table:
+        table, bank_rows = neighbour_table(images, features, config, progress=progress)
+        lap("neighbours")
+    return images, ScoringInputs(features, table, bank_rows, global_features), masks, seconds
+
+
+def run(config: RunConfig, progress: bool = True) -> Result:
+    """Run the whole pipeline once; features and neighbours come from the cache when present."""
+    images, inputs, masks, seconds = prepare(config, progress)
+    result = rescore(config, images, inputs, masks)
     result.metrics["seconds"] = {**seconds, **result.metrics["seconds"]}
     return result
 
 
 def rescore(
-    config: RunConfig,
-    images: ImageSet,
-    features: torch.Tensor,
-    neighbours: Neighbours,
-    masks: np.ndarray,
+    config: RunConfig, images: ImageSet, inputs: ScoringInputs, masks: np.ndarray
 ) -> Result:
-    """Scores, maps, image scores and metrics from a stored neighbour table (no kNN)."""
+    """Scores, maps, image scores and metrics from prepared inputs (no feature or kNN work).
+
+    Eq. 3 image scores need the neighbour table; methods without one use the plain maximum,
+    and ``metrics["image_score"]`` says which rule was used.
+    """
     t0 = time.perf_counter()
-    n, h, w, _ = features.shape
-    patch = score_patches(config.method, neighbours, config.k).reshape(n, h, w)
-    side = config.crop or config.resize
-    maps = anomaly_maps(patch, side, config.sigma)
-    scores = image_scores(patch, neighbours, config.image_score, config.b)
+    n, h, w, _ = inputs.features.shape
+    flat = score_patches(
+        config.method,
+        inputs,
+        config.k,
+        k_img=config.k_img,
+        ratio=config.mutual_ratio,
+        seed=config.seed,
+    )
+    patch = flat.reshape(n, h, w)
+    maps = anomaly_maps(patch, config.crop or config.resize, config.sigma)
+    rule = config.image_score if inputs.neighbours is not None else "max"
+    scores = image_scores(patch, inputs.neighbours, rule, config.b)
     t1 = time.perf_counter()
     metrics: dict = {"image_auroc": None, "pixel_auroc": None, "pro": None}
     if images.has_labels:
         metrics = evaluate(images.labels, scores, masks, maps)
+    n_bank = len(inputs.bank_rows) if inputs.bank_rows is not None else n * h * w
     metrics |= {
         "n_images": n,
         "n_patches": n * h * w,
+        "n_bank": n_bank,
+        "image_score": rule,
         "seconds": {"scores": round(t1 - t0, 3), "metrics": round(time.perf_counter() - t1, 3)},
     }
-    return Result(config, images, features, neighbours, patch, maps, scores, masks, metrics)
+    return Result(config, images, inputs, patch, maps, scores, masks, metrics)
 
 
 def neighbour_table(
     images: ImageSet, features: torch.Tensor, config: RunConfig, progress: bool = True
-) -> Neighbours:
-    """The (n_patches, k_max) self-kNN table of the bank, from the cache when possible.
+) -> tuple[Neighbours, torch.Tensor | None]:
+    """The (n_patches, k_max) table of every patch against the memory bank, cached.
 
+    The memory bank is every patch, or a greedy coreset of them (``config.coreset < 1``).
     A cached table computed for a larger k_max is sliced rather than recomputed.
+
+    Returns
+    -------
+    (table, bank_rows): ``bank_rows`` (m,) int64 are the coreset's patch indices, or None.
     """
     n, h, w, d = features.shape
     fkey = feature_key(
         images, weights=config.weights, seed=config.seed, resize=config.resize, crop=config.crop
     )
     folder = Path(config.cache_dir or default_cache_dir())
-    stem = f"neighbours-{fkey}-{config.exclude}"
+    bank = features.reshape(n * h * w, d)
+    bank_rows = None
+    if config.coreset < 1:
+        path = (
+            folder / f"coreset-{cache_key({'f': fkey, 'r': config.coreset, 's': config.seed})}.npy"
+        )
+        if path.is_file():
+            bank_rows = torch.from_numpy(np.load(path))
+        else:
+            bank_rows = greedy_coreset(
+                bank.to(resolve_device(config.device)),
+                config.coreset,
+                seed=config.seed,
+                progress=progress,
+            ).cpu()
+            atomic_save(path, rows=bank_rows.numpy())
+    stem = f"neighbours-{fkey}-{config.exclude}-c{config.coreset:g}-s{config.seed}"
     need = config.table_k
-    for path in sorted(folder.glob(f"{stem}-k*.npz"), key=lambda p: int(p.stem.rsplit("k", 1)[1])):
-        if int(path.stem.rsplit("k", 1)[1]) >= need:
+    cached = sorted(folder.glob(f"{stem}-k*.npz"), key=lambda p: int(p.stem.rsplit("-k", 1)[1]))
+    for path in cached:
+        if int(path.stem.rsplit("-k", 1)[1]) >= need:
             with np.load(path) as z:
-                return Neighbours(
+                table = Neighbours(
                     torch.from_numpy(z["distances"][:, :need]).contiguous(),
                     torch.from_numpy(z["indices"][:, :need]).long().contiguous(),
                     config.exclude,
                 )
-    bank = features.reshape(n * h * w, d)
+            return table, bank_rows
+
+    device = resolve_device(config.device)
     groups = torch.arange(n).repeat_interleave(h * w)
-    table = knn(
-        bank.to(resolve_device(config.device)),
-        need,
-        exclude=config.exclude,
-        query_groups=groups,
-        backend=config.backend,
-        progress=progress,
-    )
+    kw: dict = dict(exclude=config.exclude, backend=config.backend, progress=progress)
+    if bank_rows is None:
+        table = knn(bank.to(device), need, query_groups=groups, **kw)
+    else:
+        table = knn(
+            bank.to(device),
+            need,
+            bank[bank_rows].to(device),
+            query_ids=torch.arange(n * h * w),
+            bank_ids=bank_rows,
+            query_groups=groups,
+            bank_groups=groups[bank_rows],
+            **kw,
+        )
     table = Neighbours(table.distances.cpu(), table.indices.cpu(), config.exclude)
     atomic_save(
         folder / f"{stem}-k{need}.npz",
         distances=table.distances.numpy(),
         indices=table.indices.numpy().astype(np.int32),
     )
-    return table
+    return table, bank_rows
 
 
 def save_result(result: Result, out: str | Path) -> Path:

@@ -143,6 +143,7 @@ def aggregate(layer2: torch.Tensor, layer3: torch.Tensor, dim: int = FEATURE_DIM
 def extract_features(
     images: ImageSet,
     *,
+    kind: str = "patch",
     weights: str | Path = "none",
     seed: int = 0,
     resize: int = 256,
@@ -152,26 +153,33 @@ def extract_features(
     cache_dir: str | Path | None = None,
     progress: bool = True,
 ) -> torch.Tensor:
-    """Patch features of every image, from the on-disk cache when they were computed before.
+    """Features of every image, from the on-disk cache when they were computed before.
 
     Parameters
     ----------
     images : ImageSet
+    kind : {"patch", "global"}
+        ``"patch"``: the locally aware patch features (the method's memory bank).
+        ``"global"``: the average-pooled output of the last stage (layer4), one vector per
+        image, as SPADE uses to find each image's nearest images.
     weights, seed : see :func:`build_backbone`.
     resize, crop : see :func:`patchlab.data.preprocess`.
     batch_size : int
         Images per forward pass.
     device : "auto", "cpu", "cuda", ...
     cache_dir : path, optional
-        Folder of the feature cache (default :func:`default_cache_dir`); ``False``-y to disable
-        is not offered: pass a temporary folder instead.
+        Folder of the cache (default ``$PATCHLAB_CACHE`` or ``~/.cache/patchlab``).
 
     Returns
     -------
-    torch.Tensor, shape (n_images, 28, 28, 1024), float32, on the CPU
+    torch.Tensor, float32, on the CPU
+        ``"patch"``: shape (n_images, 28, 28, 1024); ``"global"``: shape (n_images, 2048).
     """
+    if kind not in ("patch", "global"):
+        raise ValueError(f"kind={kind!r} is unknown; choose 'patch' or 'global'")
     key = feature_key(images, weights=weights, seed=seed, resize=resize, crop=crop)
-    path = Path(cache_dir or default_cache_dir()) / f"features-{key}.npy"
+    stem = "features" if kind == "patch" else "global"
+    path = Path(cache_dir or default_cache_dir()) / f"{stem}-{key}.npy"
     if path.is_file():
         return torch.from_numpy(np.load(path))
 
@@ -179,11 +187,15 @@ def extract_features(
     model = build_backbone(weights, seed).to(device)
     batches = [images.paths[i : i + batch_size] for i in range(0, len(images), batch_size)]
     out = []
-    bar = tqdm(total=len(images), desc="features", unit="img", disable=not progress)
+    bar = tqdm(total=len(images), desc=f"{kind} features", unit="img", disable=not progress)
     with torch.inference_mode():
         for batch in batches:
             x = torch.stack([preprocess(read_rgb(p), resize, crop) for p in batch]).to(device)
-            out.append(aggregate(*backbone_layers(model, x)).float().cpu())
+            layer2, layer3 = backbone_layers(model, x)
+            if kind == "patch":
+                out.append(aggregate(layer2, layer3).float().cpu())
+            else:
+                out.append(model.layer4(layer3).mean((2, 3)).float().cpu())
             bar.update(len(batch))
     bar.close()
     features = torch.cat(out)

@@ -239,6 +239,43 @@ def _refine_near_duplicates(best_d, best_i, q, b, q_norm, b_norm, rel: float = 1
     best_i[touched] = best_i[touched].gather(1, order)
 
 
+def nearest_per_group(
+    queries: torch.Tensor, bank: torch.Tensor, group_size: int, progress: bool = True
+) -> torch.Tensor:
+    """Distance from every query to its nearest bank row within each group of the bank.
+
+    The bank's rows form consecutive groups of ``group_size`` (e.g. the 784 patches of each
+    image); the same blocked GEMM form as :func:`knn` is used, never an N x N matrix.
+
+    Parameters
+    ----------
+    queries : torch.Tensor, shape (n_queries, d)
+    bank : torch.Tensor, shape (n_groups * group_size, d)
+    group_size : int
+
+    Returns
+    -------
+    torch.Tensor, shape (n_queries, n_groups), float32
+        ``out[i, g] = min_{m in group g} ||queries[i] - m||_2``.
+    """
+    if bank.shape[0] % group_size:
+        raise ValueError(f"bank rows ({bank.shape[0]}) are not a multiple of group_size")
+    mean = bank.float().mean(0, keepdim=True)
+    q, b = queries.float() - mean, bank.float() - mean
+    q_norm, b_norm = (q * q).sum(1), (b * b).sum(1)
+    n_groups = bank.shape[0] // group_size
+    out = torch.empty(q.shape[0], n_groups, device=q.device)
+    rows = max(256, 2**22 // max(1, group_size * 8))  # query rows per block
+    per = max(1, 2**22 // (rows * group_size))  # groups per column block: ~4 M distances
+    blocks = [(r, g) for r in range(0, q.shape[0], rows) for g in range(0, n_groups, per)]
+    for r, g in tqdm(blocks, desc="per-image nearest", unit="block", disable=not progress):
+        c0, c1 = g * group_size, min(n_groups, g + per) * group_size
+        d2 = torch.addmm(b_norm[None, c0:c1], q[r : r + rows], b[c0:c1].T, alpha=-2.0)
+        d2.add_(q_norm[r : r + rows, None])
+        out[r : r + rows, g : g + per] = d2.view(d2.shape[0], -1, group_size).amin(2)
+    return out.clamp_min_(0).sqrt_()
+
+
 def _mask_excluded(d2, r0, r1, c0, c1, ids, groups, symmetric) -> None:
     """Set excluded entries of one block to +inf, in place (only where ranges can meet)."""
     if symmetric and ids[0] is not None and r0 == c0:

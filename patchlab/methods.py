@@ -1,66 +1,202 @@
 """Patch scoring methods: one function each, one registry.
 
-Each method turns the neighbour table of every patch (computed once, for ``k_max``) into one
-anomaly score per patch. Changing K only slices the table, so re-scoring is instant.
+Every method returns one anomaly score per patch, shape (n_images * h * w,), from a
+:class:`ScoringInputs`. The neighbour-table methods (PatchCluster, PatchCore, LOF) only slice
+the stored table, so changing K re-scores instantly; the others (PaDiM, SPADE, mutual) read the
+features directly and reuse the one kNN of :mod:`patchlab.knn`.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 
-from patchlab.knn import Neighbours
+from patchlab.knn import Neighbours, knn, nearest_per_group
 
 
-def patchcluster(neighbours: Neighbours, k: int) -> torch.Tensor:
-    """PatchCluster (Eq. 2): the mean distance to the K nearest neighbours.
+@dataclass(frozen=True)
+class ScoringInputs:
+    """What the scoring methods read.
 
-        s(f) = (1/K) * sum_{m in N_K(f)} ||f - m||_2,    the feature itself excluded
-
-    Parameters
+    Attributes
     ----------
-    neighbours : Neighbours, (n_patches, k_max) table
-    k : int, 1 <= k <= k_max
-
-    Returns
-    -------
-    torch.Tensor, shape (n_patches,), float32
+    features : torch.Tensor, shape (n, h, w, d)
+        Patch features of every image of the set.
+    neighbours : Neighbours, optional
+        Table of every patch (row ``i * h * w + p``) against the memory bank, k_max wide.
+    bank_rows : torch.Tensor, shape (m,), int64, optional
+        Patches that form the memory bank (a coreset); None when the bank is every patch.
+    global_features : torch.Tensor, shape (n, c), optional
+        One vector per image (for SPADE's image-level neighbours).
     """
-    _check_k(neighbours, k)
-    return neighbours.distances[:, :k].mean(1)
+
+    features: torch.Tensor
+    neighbours: Neighbours | None = None
+    bank_rows: torch.Tensor | None = None
+    global_features: torch.Tensor | None = None
+
+    def table(self) -> Neighbours:
+        if self.neighbours is None:
+            raise ValueError("this method needs the neighbour table of the memory bank")
+        return self.neighbours
 
 
-def patchcore(neighbours: Neighbours, k: int = 1) -> torch.Tensor:
-    """PatchCore: the distance to the nearest neighbour (PatchCluster with K = 1).
+def patchcluster(inputs: ScoringInputs, k: int) -> torch.Tensor:
+    """PatchCluster (Eq. 2): the mean distance to the K nearest neighbours in the bank.
 
-    ``k`` is accepted for a uniform signature and ignored.
-
-    Returns
-    -------
-    torch.Tensor, shape (n_patches,), float32
+    s(f) = (1/K) * sum_{m in N_K(f)} ||f - m||_2,    the feature itself excluded
     """
-    return neighbours.distances[:, 0].clone()
+    table = inputs.table()
+    _check_k(table, k)
+    return table.distances[:, :k].mean(1)
 
 
-def _check_k(neighbours: Neighbours, k: int) -> None:
+def patchcore(inputs: ScoringInputs, k: int = 1) -> torch.Tensor:
+    """PatchCore: the distance to the nearest neighbour (PatchCluster with K = 1); K ignored."""
+    return inputs.table().distances[:, 0].clone()
+
+
+def patchcore_lof(inputs: ScoringInputs, k: int) -> torch.Tensor:
+    """Local outlier factor of every patch with k neighbours in the bank (Breunig et al.).
+
+        k-dist(o)        = distance from bank entry o to its k-th neighbour
+        reach(p, o)      = max(k-dist(o), ||p - o||)
+        lrd(p)           = 1 / mean_{o in N_k(p)} reach(p, o)
+        LOF(p)           = mean_{o in N_k(p)} lrd(o) / lrd(p)
+
+    The neighbours of bank entries are their own rows of the table (every bank entry is also
+    a query), so the full table gives the LOF of every patch without another search.
+    """
+    table = inputs.table()
+    _check_k(table, k)
+    dist, idx = table.distances[:, :k].double(), table.indices[:, :k]
+    rows = inputs.bank_rows if inputs.bank_rows is not None else torch.arange(len(table))
+    k_dist = dist[rows, k - 1]  # (m,) k-distance of every bank entry
+    reach = torch.maximum(dist, k_dist[idx])  # (n, k)
+    lrd = 1.0 / reach.mean(1).clamp_min(1e-12)  # (n,) as sklearn: 1 / (mean + 1e-10)
+    return (lrd[rows][idx].mean(1) / lrd).float()
+
+
+def padim(inputs: ScoringInputs, k: int = 1, *, seed: int = 0, n_dims: int = 550) -> torch.Tensor:
+    """PaDiM: one Gaussian per patch position over all images, Mahalanobis distance.
+
+        mu_p = mean_i f_i(p),  Sigma_p = cov_i f_i(p) + 0.01 I,
+        s(f_i(p)) = sqrt((f - mu_p)^T Sigma_p^-1 (f - mu_p))
+
+    on a seeded random subset of ``n_dims`` channels (as PaDiM does with WideResNet-50).
+    With few images the covariance is rank deficient; the 0.01 I term (PaDiM's own) keeps it
+    invertible, so even one image gives finite scores. K is ignored.
+    """
+    n, h, w, d = inputs.features.shape
+    gen = torch.Generator().manual_seed(seed)
+    channels = torch.randperm(d, generator=gen)[: min(n_dims, d)].sort().values
+    x = inputs.features[..., channels].double().reshape(n, h * w, -1).transpose(0, 1)  # (p, n, c)
+    scores = torch.empty(h * w, n, dtype=torch.float64)
+    eye = torch.eye(x.shape[2], dtype=torch.float64)
+    for s in range(0, h * w, 64):  # 64 positions at a time: 64 covariance matrices in memory
+        xs = x[s : s + 64]
+        centred = xs - xs.mean(1, keepdim=True)
+        cov = centred.transpose(1, 2) @ centred / max(n - 1, 1) + 0.01 * eye
+        chol = torch.linalg.cholesky(cov)
+        z = torch.linalg.solve_triangular(chol, centred.transpose(1, 2), upper=False)
+        scores[s : s + 64] = z.pow(2).sum(1).sqrt()  # ||L^-1 (f - mu)|| = Mahalanobis
+    return scores.T.reshape(-1).float()
+
+
+def spade(inputs: ScoringInputs, k: int = 1, *, k_img: int = 50) -> torch.Tensor:
+    """SPADE: nearest patch among the K_img nearest images (by global feature), itself excluded."""
+    return _spade(inputs, 1, k_img)
+
+
+def spade_cluster(inputs: ScoringInputs, k: int, *, k_img: int = 50) -> torch.Tensor:
+    """SPADE-Cluster: mean distance to the K nearest patches among the K_img nearest images."""
+    return _spade(inputs, k, k_img)
+
+
+def _spade(inputs: ScoringInputs, k: int, k_img: int) -> torch.Tensor:
+    n, h, w, d = inputs.features.shape
+    if inputs.global_features is None:
+        raise ValueError("SPADE needs global features (extract_features(kind='global'))")
+    if not 1 <= k_img <= n - 1:
+        raise ValueError(f"k_img={k_img} must lie in [1, n_images - 1 = {n - 1}]")
+    if not 1 <= k <= k_img * h * w:
+        raise ValueError(f"K={k} must lie in [1, k_img * patches per image = {k_img * h * w}]")
+    images = knn(inputs.global_features, k_img, exclude="self", progress=False).indices
+    patches = inputs.features.reshape(n, h * w, d)
+    out = torch.empty(n, h * w)
+    for i in tqdm(range(n), desc="spade", unit="img", disable=n < 50):
+        gallery = patches[images[i]].reshape(-1, d)  # patches of the K_img nearest images
+        table = knn(patches[i], k, gallery, exclude="none", progress=False)
+        out[i] = table.distances.mean(1)
+    return out.reshape(-1)
+
+
+def mutual(inputs: ScoringInputs, k: int = 1, *, ratio: float = 0.3) -> torch.Tensor:
+    """Mutual scoring (after MuSc): the mean of the lowest ``ratio`` of per-image minima.
+
+        m_j(f) = min_{g in image j} ||f - g||   for every other image j
+        s(f)   = mean of the ceil(ratio * (n - 1)) smallest m_j(f)
+
+    K is ignored.
+    """
+    n, h, w, d = inputs.features.shape
+    if n < 2:
+        raise ValueError("mutual scoring needs at least two images")
+    if not 0 < ratio <= 1:
+        raise ValueError(f"mutual ratio must lie in (0, 1], got {ratio}")
+    bank = inputs.features.reshape(n * h * w, d)
+    minima = nearest_per_group(bank, bank, h * w, progress=n * h * w > 50_000)  # (N, n)
+    own = torch.arange(n).repeat_interleave(h * w)
+    minima[torch.arange(n * h * w), own] = float("inf")  # the query's own image
+    keep = max(1, int(-(-ratio * (n - 1) // 1)))
+    return minima.topk(keep, dim=1, largest=False).values.mean(1)
+
+
+def _check_k(table: Neighbours, k: int) -> None:
     if not isinstance(k, int) or k < 1:
         raise ValueError(f"K must be a positive integer, got {k!r}")
-    if k > neighbours.k:
+    if k > table.k:
         raise ValueError(
-            f"K={k} exceeds the neighbour table's k_max={neighbours.k}; recompute the "
-            f"neighbours with k_max >= {k} (--k-max)"
+            f"K={k} exceeds the neighbour table's k_max={table.k}; recompute the neighbours "
+            f"with k_max >= {k} (--k-max)"
         )
 
 
-METHODS: dict[str, Callable[[Neighbours, int], torch.Tensor]] = {
-    "patchcluster": patchcluster,
-    "patchcore": patchcore,
+@dataclass(frozen=True)
+class Method:
+    """A registry entry: the scoring function and what it reads."""
+
+    fn: Callable[..., torch.Tensor]
+    uses_table: bool  # reads the neighbour table (and supports Eq. 3 image scores)
+    uses_global: bool = False
+
+
+METHODS: dict[str, Method] = {
+    "patchcluster": Method(patchcluster, uses_table=True),
+    "patchcore": Method(patchcore, uses_table=True),
+    "patchcore_lof": Method(patchcore_lof, uses_table=True),
+    "padim": Method(padim, uses_table=False),
+    "spade": Method(spade, uses_table=False, uses_global=True),
+    "spade_cluster": Method(spade_cluster, uses_table=False, uses_global=True),
+    "mutual": Method(mutual, uses_table=False),
 }
 
 
-def score_patches(method: str, neighbours: Neighbours, k: int) -> torch.Tensor:
-    """Score every patch with the method called ``method`` (a key of :data:`METHODS`)."""
+def score_patches(method: str, inputs: ScoringInputs, k: int, **options) -> torch.Tensor:
+    """Score every patch with the method called ``method`` (a key of :data:`METHODS`).
+
+    ``options`` (e.g. ``k_img``, ``ratio``, ``seed``) are passed to the methods that take them.
+
+    Returns
+    -------
+    torch.Tensor, shape (n_images * h * w,), float32
+    """
     if method not in METHODS:
         raise ValueError(f"method={method!r} is unknown; choose one of {sorted(METHODS)}")
-    return METHODS[method](neighbours, k)
+    fn = METHODS[method].fn
+    accepted = inspect.signature(fn).parameters
+    return fn(inputs, k, **{key: v for key, v in options.items() if key in accepted})

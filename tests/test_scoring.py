@@ -8,7 +8,7 @@ from sklearn.neighbors import NearestNeighbors
 
 from patchlab.knn import Neighbours, knn
 from patchlab.maps import anomaly_maps, image_scores
-from patchlab.methods import patchcluster, patchcore, score_patches
+from patchlab.methods import ScoringInputs, patchcluster, patchcore, score_patches
 
 
 @pytest.fixture
@@ -22,17 +22,24 @@ def test_patchcluster_is_eq2_mean_of_k_distances(bank):
     # kneighbors() without X leaves each training point out of its own neighbours
     d, _ = NearestNeighbors(n_neighbors=20).fit(bank.numpy()).kneighbors()
     for k in (1, 5, 20):
-        np.testing.assert_allclose(patchcluster(table, k).numpy(), d[:, :k].mean(1), rtol=1e-4)
-    np.testing.assert_allclose(patchcore(table).numpy(), d[:, 0], rtol=1e-4)
-    assert torch.equal(patchcluster(table, 1), patchcore(table))  # K = 1 is PatchCore
+        np.testing.assert_allclose(
+            patchcluster(ScoringInputs(torch.zeros(1), table), k).numpy(),
+            d[:, :k].mean(1),
+            rtol=1e-4,
+        )
+    np.testing.assert_allclose(
+        patchcore(ScoringInputs(torch.zeros(1), table)).numpy(), d[:, 0], rtol=1e-4
+    )
+    inputs = ScoringInputs(torch.zeros(1), table)
+    assert torch.equal(patchcluster(inputs, 1), patchcore(inputs))  # K = 1 is PatchCore
 
 
 def test_k_checks(bank):
     table = knn(bank, 5, progress=False)
     with pytest.raises(ValueError, match="K=6 exceeds the neighbour table's k_max=5"):
-        patchcluster(table, 6)
+        patchcluster(ScoringInputs(torch.zeros(1), table), 6)
     with pytest.raises(ValueError, match="method='spade2' is unknown"):
-        score_patches("spade2", table, 3)
+        score_patches("spade2", ScoringInputs(torch.zeros(1), table), 3)
 
 
 def test_maps_are_bilinear_then_gaussian():

@@ -1,0 +1,45 @@
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from patchlab.coreset import N_STARTS, greedy_coreset, project
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from reference_coreset import reference_greedy  # noqa: E402
+
+
+@pytest.fixture
+def bank():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(20, 256, generator=g) * 4
+    return centres[torch.randint(0, 20, (3000,), generator=g)] + torch.randn(3000, 256, generator=g)
+
+
+def test_same_picks_as_the_reference_sampler(bank):
+    picked = greedy_coreset(bank, 0.1, seed=3, progress=False)
+    projected = project(bank, seed=3).numpy()
+    starts = np.random.default_rng(3).choice(3000, N_STARTS, replace=False)
+    assert torch.equal(picked, torch.from_numpy(reference_greedy(projected, starts, 300)))
+
+
+def test_coreset_covers_the_bank(bank):
+    """Greedy k-centre: the covering radius shrinks as the coreset grows, and the coreset
+    spreads over every cluster (a random subset of the same size covers worse)."""
+    radii = []
+    for ratio in (0.01, 0.05, 0.2):
+        rows = greedy_coreset(bank, ratio, progress=False)
+        assert len(rows) == int(3000 * ratio) and len(set(rows.tolist())) == len(rows)
+        radii.append(torch.cdist(bank, bank[rows]).min(1).values.max())
+    assert radii[0] > radii[1] > radii[2]
+    random_rows = torch.randperm(3000, generator=torch.Generator().manual_seed(0))[:150]
+    assert torch.cdist(bank, bank[random_rows]).min(1).values.max() > radii[1]
+
+
+def test_ratio_checks(bank):
+    assert torch.equal(greedy_coreset(bank, 1.0, progress=False), torch.arange(3000))
+    for bad in (0, -0.1, 1.5):
+        with pytest.raises(ValueError, match="coreset ratio must lie in"):
+            greedy_coreset(bank, bad, progress=False)
