@@ -16,9 +16,9 @@ import time
 
 import numpy as np
 import torch
+from reference_coreset import reference_greedy
 
 from patchlab.coreset import N_STARTS, _farthest_points, project
-from reference_coreset import reference_greedy
 
 
 def main() -> None:
