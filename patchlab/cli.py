@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from dataclasses import fields
 
 from patchlab.config import RunConfig
@@ -67,6 +68,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--categories", nargs="+", default=list(DEMO_CATEGORIES))
     _add_run_options(demo)
 
+    rep = sub.add_parser("reproduce", help="compute one of the paper's tables (2-7)")
+    rep.add_argument("data", help="MVTec AD layout folder (categories, or one category)")
+    rep.add_argument("--table", type=int, required=True, choices=[2, 3, 4, 5, 6, 7])
+    rep.add_argument("--out", required=True, help="output folder (CSV + markdown)")
+    rep.add_argument("--categories", nargs="+", default=None)
+    rep.add_argument(
+        "--settings", nargs="+", default=["mix", "test", "ano"], choices=["mix", "test", "ano"]
+    )
+    _add_run_options(rep)
+
     data = sub.add_parser("demo-data", help="write the offline demo data set")
     data.add_argument("out")
     data.add_argument("--seed", type=int, default=0)
@@ -95,6 +106,24 @@ def cmd_run(args: argparse.Namespace) -> int:
     if result.images.has_labels:
         print(_format_table([(args.method, m)]))
     print(f"wrote {out / 'metrics.json'}, {out / 'image_scores.csv'}, {out / 'maps.npz'}")
+    return 0
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from patchlab.reproduce import reproduce
+
+    t0 = time.perf_counter()
+    out = reproduce(
+        args.data,
+        args.table,
+        args.out,
+        base=_config(args, data=args.data),
+        categories=args.categories,
+        settings=tuple(args.settings),
+        progress=not args.quiet,
+    )
+    print((out / f"table{args.table}.md").read_text())
+    print(f"wrote {out / f'table{args.table}.csv'} ({time.perf_counter() - t0:.0f} s)")
     return 0
 
 
@@ -149,7 +178,12 @@ def _format_table(rows: list[tuple[str, dict]]) -> str:
     return "\n".join(lines)
 
 
-COMMANDS = {"run": cmd_run, "demo": cmd_demo, "demo-data": cmd_demo_data}
+COMMANDS = {
+    "run": cmd_run,
+    "demo": cmd_demo,
+    "demo-data": cmd_demo_data,
+    "reproduce": cmd_reproduce,
+}
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -1,0 +1,308 @@
+"""The paper's tables: every method, setting, K and coreset ratio on an MVTec-layout data set.
+
+    patchlab reproduce DATA --table 2 --out OUT
+
+Each (category, setting) is prepared once: features and every neighbour table come from the
+cache, so all methods and all K of a table reuse them. Every finished cell is appended to
+``OUT/table<N>.csv`` at once, and a rerun skips the cells already there (resume after an
+interruption). ``OUT/table<N>.md`` holds the markdown table, mean over categories.
+"""
+
+from __future__ import annotations
+
+import csv
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from patchlab.config import RunConfig
+from patchlab.coreset import greedy_coreset
+from patchlab.data import load_masks, load_mvtec
+from patchlab.experiment import neighbour_table, prepare, rescore
+from patchlab.features import extract_features, resolve_device
+from patchlab.knn import knn
+from patchlab.maps import anomaly_maps, image_scores
+from patchlab.methods import ScoringInputs, score_patches
+from patchlab.metrics import evaluate
+
+SETTINGS = ("mix", "test", "ano")
+METRICS = ("image_auroc", "pixel_auroc", "pro")
+FIELDS = (
+    "table",
+    "category",
+    "setting",
+    "row",
+    "method",
+    "k",
+    "coreset",
+    "exclude",
+    "k_img",
+    *METRICS,
+    "seconds",
+)
+
+
+@dataclass(frozen=True)
+class Row:
+    """One method variant of a table."""
+
+    label: str
+    method: str
+    k: int = 1
+    coreset: float = 1.0
+    exclude: str = "self"
+
+
+PAPER_METHODS = (
+    Row("PaDiM", "padim"),
+    Row("SPADE", "spade"),
+    Row("PatchCore-100%", "patchcore", exclude="nearest"),
+    Row("PatchCore-25%", "patchcore", coreset=0.25, exclude="nearest"),
+    Row("PatchCore+LOF", "patchcore_lof", k=100),
+    Row("PatchCluster-25%", "patchcluster", k=25, coreset=0.25),
+    Row("PatchCluster-100%", "patchcluster", k=100),
+    Row("Mutual (MuSc-style)", "mutual"),
+)
+TABLES: dict[int, tuple[str, tuple[Row, ...]]] = {
+    2: ("methods under the blind settings", PAPER_METHODS),
+    3: ("per category, PatchCluster-25%", (Row("PatchCluster-25%", "patchcluster", 25, 0.25),)),
+    4: (
+        "one-class setting (bank: train/good)",
+        (
+            Row("PatchCore-100%", "patchcore", exclude="none"),
+            Row("PatchCore-25%", "patchcore", coreset=0.25, exclude="none"),
+            Row("PatchCluster-25%", "patchcluster", k=25, coreset=0.25, exclude="none"),
+            Row("PatchCluster-100%", "patchcluster", k=100, exclude="none"),
+        ),
+    ),
+    5: (
+        "PatchCluster-100% against K",
+        tuple(Row(f"K={k}", "patchcluster", k=k) for k in (1, 5, 10, 25, 50, 100, 200)),
+    ),
+    6: (
+        "SPADE-Cluster against K",
+        tuple(Row(f"K={k}", "spade_cluster", k=k) for k in (1, 5, 10, 25, 50, 100)),
+    ),
+    7: (
+        "coreset ratio with its K",
+        tuple(
+            Row(f"{r:.0%} (K={k})", "patchcluster", k=k, coreset=r)
+            for r, k in ((0.01, 5), (0.1, 10), (0.25, 25), (1.0, 100))
+        ),
+    ),
+}
+
+
+def categories_of(data: Path) -> list[str | None]:
+    """Category folders under ``data`` (None when ``data`` is itself a category)."""
+    if (data / "test").is_dir():
+        return [None]
+    found = sorted(p.name for p in data.iterdir() if (p / "test").is_dir())
+    if not found:
+        raise FileNotFoundError(
+            f"{data} holds no MVTec AD category (a folder with test/ and ground_truth/); the "
+            "tables need labelled data: an unlabelled folder cannot be evaluated"
+        )
+    return found
+
+
+def reproduce(
+    data: str | Path,
+    table: int,
+    out: str | Path,
+    *,
+    base: RunConfig | None = None,
+    categories: list[str] | None = None,
+    settings: tuple[str, ...] = SETTINGS,
+    progress: bool = True,
+) -> Path:
+    """Compute table ``table`` and write ``OUT/table<N>.csv`` and ``OUT/table<N>.md``.
+
+    Parameters
+    ----------
+    data : MVTec AD layout folder (categories, or one category).
+    table : one of :data:`TABLES` (2-7).
+    base : settings shared by every cell (weights, seed, cache, device, backend, ...).
+    categories : default every category under ``data``.
+    settings : blind settings to run (tables 3-7 use them too; table 4 is always one-class).
+    """
+    if table not in TABLES:
+        raise ValueError(f"table={table} is unknown; choose one of {sorted(TABLES)}")
+    data, out = Path(data), Path(out)
+    cats = categories or categories_of(data)
+    base = base or RunConfig(data=str(data))
+    title, rows = TABLES[table]
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path = out / f"table{table}.csv"
+    done = _done_cells(csv_path)
+    cell_settings = ("one-class",) if table == 4 else settings
+    cells = [(c, s, r) for c in cats for s in cell_settings for r in rows]
+    bar = tqdm(cells, desc=f"table {table}", unit="cell", disable=not progress)
+    prepared: dict = {}
+    for category, setting, row in bar:
+        key = (str(category), setting, row.label)
+        if key in done:
+            continue
+        bar.set_postfix_str(f"{category} {setting} {row.label}")
+        t0 = time.perf_counter()
+        k_img = None
+        if table == 4:
+            metrics = _one_class_cell(data, category, row, base, progress=False)
+        else:
+            metrics, k_img = _blind_cell(data, category, setting, row, rows, base, prepared)
+        record = {
+            "table": table,
+            "category": category,
+            "setting": setting,
+            "row": row.label,
+            "method": row.method,
+            "k": row.k,
+            "coreset": row.coreset,
+            "exclude": row.exclude,
+            "k_img": k_img,
+            **{m: metrics[m] for m in METRICS},
+            "seconds": round(time.perf_counter() - t0, 2),
+        }
+        _append(csv_path, record)
+    (out / f"table{table}.md").write_text(markdown(csv_path, table, title) + "\n")
+    return out
+
+
+def _blind_cell(data, category, setting, row, rows, base, prepared) -> tuple[dict, int | None]:
+    """One method variant on one (category, setting); features and tables are shared.
+
+    Returns the metrics and, for SPADE, the K_img used: the configured one (50), or
+    n_images - 1 on sets too small for it (recorded in the CSV).
+    """
+    # the widest table any row of this table needs with the same bank and exclusion
+    k_max = max(
+        max(r.k for r in rows if (r.coreset, r.exclude) == (row.coreset, row.exclude)), base.b
+    )
+    config = replace(
+        base,
+        data=str(data),
+        category=category,
+        setting=setting,
+        method=row.method,
+        k=row.k,
+        k_max=k_max,
+        coreset=row.coreset,
+        exclude=row.exclude,
+    )
+    if row.exclude == "nearest" and row.coreset == 1:
+        # self-kNN: dropping the first neighbour and dropping the query itself remove the same
+        # zero distance, so the two tables hold identical distances; reuse the 'self' table
+        config = replace(config, exclude="self")
+    if (category, setting) not in prepared:
+        prepared.clear()  # keep one (category, setting) in memory
+        prepared[(category, setting)] = prepare(config, progress=False)[:3]
+    images, inputs, masks = prepared[(category, setting)]
+    table, bank_rows = (None, None)
+    if config.method in ("patchcluster", "patchcore", "patchcore_lof"):
+        table, bank_rows = neighbour_table(images, inputs.features, config, progress=False)
+    glob = inputs.global_features
+    if config.method in ("spade", "spade_cluster") and glob is None:
+        glob = extract_features(
+            images,
+            kind="global",
+            weights=config.weights,
+            seed=config.seed,
+            resize=config.resize,
+            crop=config.crop,
+            device=config.device,
+            cache_dir=config.cache_dir,
+            progress=False,
+        )
+        prepared[(category, setting)] = (images, replace(inputs, global_features=glob), masks)
+    k_img = None
+    if config.method in ("spade", "spade_cluster"):
+        k_img = min(config.k_img, len(images) - 1)
+        config = replace(config, k_img=k_img)
+    cell_inputs = ScoringInputs(inputs.features, table, bank_rows, glob)
+    return rescore(config, images, cell_inputs, masks).metrics, k_img
+
+
+def _one_class_cell(data, category, row, base, progress) -> dict:
+    """Table 4: the bank holds train/good patches (or their coreset); test images are scored."""
+    config = replace(base, data=str(data), category=category, method=row.method, k=row.k)
+    common = dict(
+        weights=config.weights,
+        seed=config.seed,
+        resize=config.resize,
+        crop=config.crop,
+        batch_size=config.batch_size,
+        device=config.device,
+        cache_dir=config.cache_dir,
+        progress=progress,
+    )
+    train = load_mvtec(data, category, "train")
+    test = load_mvtec(data, category, "test")
+    bank_f = extract_features(train, **common)
+    test_f = extract_features(test, **common)
+    n, h, w, d = test_f.shape
+    bank = bank_f.reshape(-1, d)
+    device = resolve_device(config.device)
+    if row.coreset < 1:
+        bank = bank[
+            greedy_coreset(bank.to(device), row.coreset, seed=config.seed, progress=progress).cpu()
+        ]
+    k_max = max(row.k, config.b)
+    table = knn(
+        test_f.reshape(-1, d).to(device),
+        k_max,
+        bank.to(device),
+        exclude="none",
+        backend=config.backend,
+        progress=progress,
+    )
+    table = type(table)(table.distances.cpu(), table.indices.cpu(), "none")
+    patch = score_patches(row.method, ScoringInputs(test_f, table), row.k).reshape(n, h, w)
+    maps = anomaly_maps(patch, config.crop or config.resize, config.sigma)
+    scores = image_scores(patch, table, config.image_score, config.b)
+    masks = load_masks(test, config.resize, config.crop)
+    return evaluate(test.labels, scores, masks, maps)
+
+
+def _done_cells(path: Path) -> set[tuple[str, str, str]]:
+    if not path.is_file():
+        return set()
+    with open(path, newline="") as f:
+        return {(r["category"], r["setting"], r["row"]) for r in csv.DictReader(f)}
+
+
+def _append(path: Path, record: dict) -> None:
+    new = not path.is_file()
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        if new:
+            writer.writeheader()
+        writer.writerow({k: ("" if v is None else v) for k, v in record.items()})
+        f.flush()
+
+
+def markdown(csv_path: Path, table: int, title: str) -> str:
+    """The table in the paper's shape: one line per row label, (setting x metric) columns,
+    the mean over categories (table 3: one line per category)."""
+    with open(csv_path, newline="") as f:
+        records = list(csv.DictReader(f))
+    settings = list(dict.fromkeys(r["setting"] for r in records))
+    by = "category" if table == 3 else "row"
+    lines = [
+        f"Table {table}: {title}; mean over {len({r['category'] for r in records})} "
+        "categories (image AUROC / pixel AUROC / PRO; n/a where undefined).",
+        "",
+    ]
+    head = " | ".join(f"{s} I-AUROC | {s} P-AUROC | {s} PRO" for s in settings)
+    lines += [f"| {by} | {head} |", "|---" * (1 + 3 * len(settings)) + "|"]
+    for label in dict.fromkeys(r[by] for r in records):
+        cells = []
+        for s in settings:
+            chosen = [r for r in records if r[by] == label and r["setting"] == s]
+            for m in METRICS:
+                vals = [float(r[m]) for r in chosen if r[m] not in ("", "None")]
+                cells.append(f"{np.mean(vals):.3f}" if vals else "n/a")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,71 @@
+import csv
+
+import pytest
+
+from patchlab import reproduce as rep
+from patchlab.cli import main
+
+
+def rows_of(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_table2_has_every_method_and_setting(tiny_demo, tmp_path):
+    assert (
+        main(["reproduce", str(tiny_demo), "--table", "2", "--out", str(tmp_path), "--quiet"]) == 0
+    )
+    rows = rows_of(tmp_path / "table2.csv")
+    assert len(rows) == len(rep.PAPER_METHODS) * 3
+    for r in rows:
+        assert 0 <= float(r["pixel_auroc"]) <= 1 and 0 <= float(r["pro"]) <= 1
+        assert (r["image_auroc"] == "") == (r["setting"] == "ano")  # undefined without goods
+    spade = [r for r in rows if r["method"] == "spade"]
+    assert {int(r["k_img"]) for r in spade} == {8, 5, 2}  # n_images - 1 on this tiny set
+    md = (tmp_path / "table2.md").read_text()
+    assert "PatchCluster-25%" in md and "mix P-AUROC" in md
+
+
+def test_resume_skips_finished_cells(tiny_demo, tmp_path, monkeypatch):
+    args = [
+        "reproduce",
+        str(tiny_demo),
+        "--table",
+        "7",
+        "--settings",
+        "test",
+        "--out",
+        str(tmp_path),
+        "--quiet",
+    ]
+    assert main(args) == 0
+    first = rows_of(tmp_path / "table7.csv")
+    assert [r["row"] for r in first] == ["1% (K=5)", "10% (K=10)", "25% (K=25)", "100% (K=100)"]
+
+    def boom(*a, **k):
+        raise AssertionError("a finished cell was recomputed")
+
+    monkeypatch.setattr(rep, "_blind_cell", boom)
+    assert main(args) == 0
+    assert rows_of(tmp_path / "table7.csv") == first
+
+
+def test_table4_is_one_class(tiny_demo, tmp_path):
+    assert (
+        main(["reproduce", str(tiny_demo), "--table", "4", "--out", str(tmp_path), "--quiet"]) == 0
+    )
+    rows = rows_of(tmp_path / "table4.csv")
+    assert {r["setting"] for r in rows} == {"one-class"} and len(rows) == 4
+
+
+def test_bad_table_and_unlabelled_data(tmp_path, tiny_demo, capsys):
+    with pytest.raises(SystemExit):
+        main(["reproduce", str(tiny_demo), "--table", "9", "--out", str(tmp_path)])
+    (tmp_path / "imgs").mkdir()
+    assert (
+        main(["reproduce", str(tmp_path / "imgs"), "--table", "2", "--out", str(tmp_path / "o")])
+        == 2
+    )
+    assert "tables need labelled data" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="table=9 is unknown"):
+        rep.reproduce(tiny_demo, 9, tmp_path)
