@@ -27,7 +27,8 @@ import time
 import numpy as np
 
 DEFAULT_SIZES = ("20000x1536x100", "50000x1024x100", "50000x64x10")
-BACKENDS = ("torch", "keops", "faiss", "sklearn", "floor")
+BACKENDS = ("torch", "torch-tf32", "torch-bf16", "keops", "faiss", "sklearn", "floor")
+DEFAULT_BACKENDS = ("torch", "keops", "faiss", "sklearn", "floor")
 KEOPS_LIMIT_S = 600.0
 
 
@@ -45,30 +46,39 @@ def rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def run_backend(backend: str, n: int, d: int, k: int, device: str) -> dict:
+def run_backend(backend: str, n: int, d: int, k: int, device: str, limit: float) -> dict:
     """Run one backend in this process; returns seconds, memory and the neighbour indices."""
     x = make_bank(n, d)
     before = rss_mb()
     t0 = time.perf_counter()
     extra: dict = {}
-    if backend in ("torch", "keops"):
+    if backend.startswith("torch") or backend == "keops":
         import torch
 
         from patchlab.knn import knn
 
+        name, _, precision = backend.partition("-")
         q = torch.from_numpy(x).to(device)
-        if backend == "keops" and device == "cpu":
+        kw = dict(backend=name, precision=precision or "fp32", progress=False)
+        if device == "cuda":  # warm-up: CUDA context, cuBLAS handles, KeOps compilation
+            knn(q[:4096], k, exclude="self", **kw)
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        if backend == "keops":
             # time a slice of the queries first; skip the full size if it would run too long
             m = max(500, n // 50)
             t = time.perf_counter()
             knn(q[:m], k, q, exclude="none", backend="keops", progress=False)
+            if device == "cuda":
+                torch.cuda.synchronize()
             projected = (time.perf_counter() - t) * n / m
-            if projected > KEOPS_LIMIT_S:
-                return {"skipped": f"projected {projected:.0f} s (> {KEOPS_LIMIT_S:.0f} s)"}
-            t0 = time.perf_counter()
-        table = knn(q, k, exclude="self", backend=backend, progress=False)
+            if projected > limit:
+                return {"skipped": f"projected {projected:.0f} s (> {limit:.0f} s)"}
+        t0 = time.perf_counter()
+        table = knn(q, k, exclude="self", **kw)
         if device == "cuda":
             torch.cuda.synchronize()
+            extra = {"gpu_peak_mb": torch.cuda.max_memory_allocated() / 2**20}
         idx = table.indices.cpu().numpy()
     elif backend == "faiss":
         import faiss
@@ -116,15 +126,21 @@ def agreement(a: np.ndarray, b: np.ndarray) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", nargs="+", default=list(DEFAULT_SIZES))
-    parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
+    parser.add_argument("--backends", nargs="+", default=list(DEFAULT_BACKENDS), choices=BACKENDS)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--keops-limit",
+        type=float,
+        default=KEOPS_LIMIT_S,
+        help="skip KeOps where its projected time exceeds this (seconds)",
+    )
     parser.add_argument(
         "--child", nargs=4, metavar=("BACKEND", "N", "D", "K"), help=argparse.SUPPRESS
     )
     args = parser.parse_args()
     if args.child:
         backend, n, d, k = args.child[0], *map(int, args.child[1:])
-        print(json.dumps(run_backend(backend, n, d, k, args.device)))
+        print(json.dumps(run_backend(backend, n, d, k, args.device, args.keops_limit)))
         return
 
     print(f"device={args.device} threads={os.cpu_count()} python={sys.version.split()[0]}")
@@ -154,7 +170,8 @@ def main() -> None:
             else:
                 results[backend] = json.loads(out.stdout.strip().splitlines()[-1])
         base = results.get("faiss", {}).get("seconds")
-        ref = f"/tmp/knn_bench_faiss_{n}_{d}_{k}.npy"
+        peer = "faiss" if "faiss" in results else "torch"  # whose neighbours "same" compares to
+        ref = f"/tmp/knn_bench_{peer}_{n}_{d}_{k}.npy"
         for backend, r in results.items():
             label = f"{n}x{d}, {k}"
             if "skipped" in r:
@@ -164,9 +181,11 @@ def main() -> None:
             peak = f"{r['peak_extra_mb']:8.0f}" if "peak_extra_mb" in r else "       -"
             mine = f"/tmp/knn_bench_{backend}_{n}_{d}_{k}.npy"
             same = "-"
-            if backend != "faiss" and os.path.exists(ref) and os.path.exists(mine):
+            if backend != peer and os.path.exists(ref) and os.path.exists(mine):
                 same = f"{agreement(np.load(mine), np.load(ref)):.5f}"
             note = f"  ({r['gflops']:.0f} GFLOP/s)" if "gflops" in r else ""
+            if "gpu_peak_mb" in r:
+                note += f"  (GPU peak {r['gpu_peak_mb']:.0f} MB)"
             print(f"{label:>18}  {backend:>8}  {r['seconds']:8.2f}  {ratio}  {peak}  {same}{note}")
 
 

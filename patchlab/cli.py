@@ -147,8 +147,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         core = rescore(
             _config(args, data=str(root), category=category, method="patchcore"),
             first.images,
-            first.features,
-            first.neighbours,
+            first.inputs,
             first.masks,
         )
         rows.append((f"{category} patchcore", core.metrics))

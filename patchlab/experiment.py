@@ -92,7 +92,8 @@ def prepare(
         cache_dir=config.cache_dir,
         progress=progress,
     )
-    features = extract_features(images, **common)
+    # on CUDA the features stay there: every method then runs on the GPU
+    features = extract_features(images, **common).to(resolve_device(config.device))
     method = METHODS[config.method]
     global_features = (
         extract_features(images, kind="global", **common) if method.uses_global else None
@@ -170,19 +171,7 @@ def neighbour_table(
     bank = features.reshape(n * h * w, d)
     bank_rows = None
     if config.coreset < 1:
-        path = (
-            folder / f"coreset-{cache_key({'f': fkey, 'r': config.coreset, 's': config.seed})}.npy"
-        )
-        if path.is_file():
-            bank_rows = torch.from_numpy(np.load(path))
-        else:
-            bank_rows = greedy_coreset(
-                bank.to(resolve_device(config.device)),
-                config.coreset,
-                seed=config.seed,
-                progress=progress,
-            ).cpu()
-            atomic_save(path, rows=bank_rows.numpy())
+        bank_rows = _coreset_rows(bank, fkey, folder, config, progress)
     stem = f"neighbours-{fkey}-{config.exclude}-c{config.coreset:g}-s{config.seed}"
     need = config.table_k
     cached = sorted(folder.glob(f"{stem}-k*.npz"), key=lambda p: int(p.stem.rsplit("-k", 1)[1]))
@@ -219,6 +208,21 @@ def neighbour_table(
         indices=table.indices.numpy().astype(np.int32),
     )
     return table, bank_rows
+
+
+def _coreset_rows(bank, fkey, folder, config, progress) -> torch.Tensor:
+    """Greedy coreset rows, cached. Greedy picks come in a fixed order for a given seed, so a
+    smaller ratio is a prefix of a larger one: a cached longer sequence is cut, not redone."""
+    m = max(1, int(bank.shape[0] * config.coreset))
+    stem = f"coreset-{cache_key({'f': fkey, 's': config.seed})}"
+    for path in folder.glob(f"{stem}-m*.npy"):
+        if int(path.stem.rsplit("-m", 1)[1]) >= m:
+            return torch.from_numpy(np.load(path)[:m])
+    rows = greedy_coreset(
+        bank.to(resolve_device(config.device)), config.coreset, seed=config.seed, progress=progress
+    ).cpu()
+    atomic_save(folder / f"{stem}-m{m}.npy", rows=rows.numpy())
+    return rows
 
 
 def save_result(result: Result, out: str | Path) -> Path:

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 EXCLUDE_MODES = ("none", "self", "nearest", "image")
 BACKENDS = ("torch", "keops")
+PRECISIONS = ("fp32", "tf32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,8 @@ def knn(
     query_groups: torch.Tensor | None = None,
     bank_groups: torch.Tensor | None = None,
     backend: str = "torch",
+    precision: str = "fp32",
+    pool: int = 32,
     block_size: int | None = None,
     progress: bool = True,
 ) -> Neighbours:
@@ -96,6 +99,14 @@ def knn(
         ``query_groups`` for self-kNN.
     backend : {"torch", "keops"}
         ``torch``: blocked GEMM with a threshold merge. ``keops``: PyKeOps LazyTensor reduction.
+    precision : {"fp32", "tf32", "bf16"}
+        GEMM precision of the ``torch`` backend. With ``tf32`` (CUDA) or ``bf16`` the search
+        keeps ``k + pool`` candidates per query, whose distances are then recomputed exactly in
+        float32 (``||f - m||^2`` from the difference) to pick the k nearest: the result equals
+        the float32 one whenever the true k nearest are among the candidates (see
+        docs/performance.md for the pool that achieves this on real features).
+    pool : int
+        Extra candidates kept for the exact re-ranking (``tf32``/``bf16`` only).
     block_size : int, optional
         Rows (and columns) per block; bounds memory at about ``3 * block_size**2 * 4`` bytes.
         Chosen from the device when omitted.
@@ -142,7 +153,14 @@ def knn(
     ids = (query_ids, bank_ids) if exclude == "self" else (None, None)
     groups = (query_groups, bank_groups) if exclude == "image" else (None, None)
     if backend == "torch":
-        d2, idx = _knn_torch(queries, bank_, k_search, symmetric, ids, groups, block_size, progress)
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision={precision!r} is unknown; choose one of {PRECISIONS}")
+        wide = k_search if precision == "fp32" else min(k_search + pool, n_b - excluded)
+        d2, idx = _knn_torch(
+            queries, bank_, wide, symmetric, ids, groups, block_size, progress, precision
+        )
+        if precision != "fp32":
+            d2, idx = _rerank(queries, bank_, idx, k_search)
     else:
         from patchlab.knn_keops import knn_keops
 
@@ -184,7 +202,7 @@ def default_block_size(device: torch.device, n: int) -> int:
     return 2048
 
 
-def _knn_torch(queries, bank, k, symmetric, ids, groups, block_size, progress):
+def _knn_torch(queries, bank, k, symmetric, ids, groups, block_size, progress, precision="fp32"):
     """Blocked exact kNN returning squared distances (n_q, k) and indices (n_q, k)."""
     device = queries.device
     # Translate both sets by the bank mean: distances are unchanged, the norms shrink, and
@@ -196,6 +214,10 @@ def _knn_torch(queries, bank, k, symmetric, ids, groups, block_size, progress):
     n_q, n_b = q.shape[0], b.shape[0]
     bs = block_size or default_block_size(device, max(n_q, n_b))
 
+    low = {"bf16": torch.bfloat16}.get(precision)
+    q_gemm, b_gemm = (q.to(low), b.to(low)) if low else (q, b)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
     best_d = torch.full((n_q, k), math.inf, device=device)
     best_i = torch.full((n_q, k), -1, dtype=torch.int64, device=device)
     row_blocks = [(s, min(s + bs, n_q)) for s in range(0, n_q, bs)]
@@ -208,14 +230,33 @@ def _knn_torch(queries, bank, k, symmetric, ids, groups, block_size, progress):
     ]
     for (r0, r1), (c0, c1) in tqdm(pairs, desc="neighbours", unit="block", disable=not progress):
         # squared distances of one block: ||m||^2 - 2<f, m> in the GEMM, + ||f||^2 after
-        d2 = torch.addmm(b_norm[None, c0:c1], q[r0:r1], b[c0:c1].T, alpha=-2.0)
+        if low:
+            d2 = (q_gemm[r0:r1] @ b_gemm[c0:c1].T).float().mul_(-2.0).add_(b_norm[None, c0:c1])
+        else:
+            d2 = torch.addmm(b_norm[None, c0:c1], q[r0:r1], b[c0:c1].T, alpha=-2.0)
         d2.add_(q_norm[r0:r1, None])
         _mask_excluded(d2, r0, r1, c0, c1, ids, groups, symmetric)
         _merge(best_d, best_i, d2, r0, c0)
         if symmetric and c0 != r0:
             _merge(best_d, best_i, d2, c0, r0, transposed=True)
+    torch.backends.cuda.matmul.allow_tf32 = tf32
     _refine_near_duplicates(best_d, best_i, q, b, q_norm, b_norm)
     return best_d, best_i
+
+
+def _rerank(queries, bank, idx, k, chunk: int = 2048):
+    """Exact float32 squared distances to every candidate, then the k smallest of each row."""
+    mean = bank.float().mean(0, keepdim=True)
+    out_d = torch.empty(idx.shape[0], k, device=idx.device)
+    out_i = torch.empty(idx.shape[0], k, dtype=torch.int64, device=idx.device)
+    for s in range(0, idx.shape[0], chunk):
+        cand = idx[s : s + chunk]
+        q = queries[s : s + chunk].float() - mean
+        diff = bank[cand.clamp_min(0)].float() - mean - q[:, None, :]  # (chunk, wide, d)
+        d2 = diff.pow_(2).sum(2).masked_fill_(cand < 0, math.inf)
+        top, pos = d2.topk(k, dim=1, largest=False)
+        out_d[s : s + chunk], out_i[s : s + chunk] = top, cand.gather(1, pos)
+    return out_d, out_i
 
 
 def _refine_near_duplicates(best_d, best_i, q, b, q_norm, b_norm, rel: float = 1e-3) -> None:
@@ -265,8 +306,9 @@ def nearest_per_group(
     q_norm, b_norm = (q * q).sum(1), (b * b).sum(1)
     n_groups = bank.shape[0] // group_size
     out = torch.empty(q.shape[0], n_groups, device=q.device)
-    rows = max(256, 2**22 // max(1, group_size * 8))  # query rows per block
-    per = max(1, 2**22 // (rows * group_size))  # groups per column block: ~4 M distances
+    budget = 2**22 if q.device.type == "cpu" else 2**28  # distances per block (16 MB / 1 GB)
+    rows = max(256, math.isqrt(budget))  # query rows per block
+    per = max(1, budget // (rows * group_size))  # groups per column block
     blocks = [(r, g) for r in range(0, q.shape[0], rows) for g in range(0, n_groups, per)]
     for r, g in tqdm(blocks, desc="per-image nearest", unit="block", disable=not progress):
         c0, c1 = g * group_size, min(n_groups, g + per) * group_size

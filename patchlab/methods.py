@@ -95,8 +95,8 @@ def padim(inputs: ScoringInputs, k: int = 1, *, seed: int = 0, n_dims: int = 550
     gen = torch.Generator().manual_seed(seed)
     channels = torch.randperm(d, generator=gen)[: min(n_dims, d)].sort().values
     x = inputs.features[..., channels].double().reshape(n, h * w, -1).transpose(0, 1)  # (p, n, c)
-    scores = torch.empty(h * w, n, dtype=torch.float64)
-    eye = torch.eye(x.shape[2], dtype=torch.float64)
+    scores = torch.empty(h * w, n, dtype=torch.float64, device=x.device)
+    eye = torch.eye(x.shape[2], dtype=torch.float64, device=x.device)
     for s in range(0, h * w, 64):  # 64 positions at a time: 64 covariance matrices in memory
         xs = x[s : s + 64]
         centred = xs - xs.mean(1, keepdim=True)
@@ -127,7 +127,7 @@ def _spade(inputs: ScoringInputs, k: int, k_img: int) -> torch.Tensor:
         raise ValueError(f"K={k} must lie in [1, k_img * patches per image = {k_img * h * w}]")
     images = knn(inputs.global_features, k_img, exclude="self", progress=False).indices
     patches = inputs.features.reshape(n, h * w, d)
-    out = torch.empty(n, h * w)
+    out = torch.empty(n, h * w, device=patches.device)
     for i in tqdm(range(n), desc="spade", unit="img", disable=n < 50):
         gallery = patches[images[i]].reshape(-1, d)  # patches of the K_img nearest images
         table = knn(patches[i], k, gallery, exclude="none", progress=False)
@@ -150,8 +150,8 @@ def mutual(inputs: ScoringInputs, k: int = 1, *, ratio: float = 0.3) -> torch.Te
         raise ValueError(f"mutual ratio must lie in (0, 1], got {ratio}")
     bank = inputs.features.reshape(n * h * w, d)
     minima = nearest_per_group(bank, bank, h * w, progress=n * h * w > 50_000)  # (N, n)
-    own = torch.arange(n).repeat_interleave(h * w)
-    minima[torch.arange(n * h * w), own] = float("inf")  # the query's own image
+    own = torch.arange(n, device=bank.device).repeat_interleave(h * w)
+    minima[torch.arange(n * h * w, device=bank.device), own] = float("inf")  # own image
     keep = max(1, int(-(-ratio * (n - 1) // 1)))
     return minima.topk(keep, dim=1, largest=False).values.mean(1)
 
@@ -191,12 +191,14 @@ def score_patches(method: str, inputs: ScoringInputs, k: int, **options) -> torc
 
     ``options`` (e.g. ``k_img``, ``ratio``, ``seed``) are passed to the methods that take them.
 
+    Methods run on the device of ``inputs.features``.
+
     Returns
     -------
-    torch.Tensor, shape (n_images * h * w,), float32
+    torch.Tensor, shape (n_images * h * w,), float32, on the CPU
     """
     if method not in METHODS:
         raise ValueError(f"method={method!r} is unknown; choose one of {sorted(METHODS)}")
     fn = METHODS[method].fn
     accepted = inspect.signature(fn).parameters
-    return fn(inputs, k, **{key: v for key, v in options.items() if key in accepted})
+    return fn(inputs, k, **{key: v for key, v in options.items() if key in accepted}).float().cpu()

@@ -9,6 +9,7 @@ in float32 are a tie.
 from __future__ import annotations
 
 import numpy as np
+import torch
 from scipy import ndimage
 
 __all__ = ["evaluate", "image_auroc", "pixel_auroc", "pro_curve", "pro_score"]
@@ -51,8 +52,12 @@ def _descending(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     so a cumulative sum over ``scores[order]`` read at ``ends`` is the total over {s >= t_k}:
     pixels with equal scores switch together (ties form one step).
     """
-    # reversing an ascending sort is enough: only the ends of tie groups are ever read
-    order = np.argsort(scores, kind="stable")[::-1]
+    # reversing an ascending sort is enough: only the ends of tie groups are ever read, so the
+    # order inside a tie group does not matter (and a GPU sort, when there is one, will do)
+    if scores.size > 1_000_000 and torch.cuda.is_available():
+        order = torch.from_numpy(scores).cuda().sort().indices.cpu().numpy()[::-1]
+    else:
+        order = np.argsort(scores, kind="stable")[::-1]
     s = scores[order]
     ends = np.append(np.flatnonzero(s[1:] != s[:-1]), s.size - 1)
     return order, ends

@@ -43,3 +43,10 @@ def test_ratio_checks(bank):
     for bad in (0, -0.1, 1.5):
         with pytest.raises(ValueError, match="coreset ratio must lie in"):
             greedy_coreset(bank, bad, progress=False)
+
+
+def test_smaller_ratio_is_a_prefix(bank):
+    """The cache cuts a longer greedy sequence for a smaller ratio: that must equal a fresh run."""
+    long = greedy_coreset(bank, 0.2, seed=1, progress=False)
+    short = greedy_coreset(bank, 0.05, seed=1, progress=False)
+    assert torch.equal(long[: len(short)], short)
