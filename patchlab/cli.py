@@ -34,7 +34,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-score", default="eq3", choices=IMAGE_SCORES)
     p.add_argument("--b", type=int, default=9, help="neighbours of f* in Eq. 3")
     p.add_argument("--sigma", type=float, default=4.0, help="Gaussian blur of the maps, pixels")
-    p.add_argument("--backend", default="torch", choices=BACKENDS)
+    p.add_argument("--backend", default="auto", choices=BACKENDS)
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--cache-dir", default=None)

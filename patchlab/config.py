@@ -44,7 +44,7 @@ class RunConfig:
         Neighbours of f* in Eq. 3.
     sigma : float
         Gaussian blur of the maps, in pixels.
-    backend : {"torch", "keops"}
+    backend : {"auto", "torch", "keops"}
         kNN backend (exact either way; results do not depend on it).
     device : str
         ``"auto"``, ``"cpu"`` or ``"cuda"``.
@@ -75,7 +75,7 @@ class RunConfig:
     image_score: str = "eq3"
     b: int = 9
     sigma: float = 4.0
-    backend: str = "torch"
+    backend: str = "auto"
     device: str = "auto"
     batch_size: int = 16
     cache_dir: str | None = None

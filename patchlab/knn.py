@@ -32,7 +32,12 @@ import torch
 from tqdm.auto import tqdm
 
 EXCLUDE_MODES = ("none", "self", "nearest", "image")
-BACKENDS = ("torch", "keops")
+BACKENDS = ("auto", "torch", "keops")
+# backend="auto": the fastest backend measured for (device, largest d) with benchmarks/knn.py
+# (docs/performance.md). CPU: the blocked GEMM won at every size measured, d = 64 included.
+# CUDA: not measured yet (no GPU in the sessions so far), so the GEMM, KeOps' known weak
+# spot being d ~ 1000.
+AUTO_BACKEND = {"cpu": ((math.inf, "torch"),), "cuda": ((math.inf, "torch"),)}
 PRECISIONS = ("fp32", "tf32", "bf16")
 
 
@@ -97,8 +102,9 @@ def knn(
     query_groups, bank_groups : torch.Tensor, shape (n_queries,) / (n_bank,), int64, optional
         Image index of every row, for ``exclude="image"``. ``bank_groups`` defaults to
         ``query_groups`` for self-kNN.
-    backend : {"torch", "keops"}
+    backend : {"auto", "torch", "keops"}
         ``torch``: blocked GEMM with a threshold merge. ``keops``: PyKeOps LazyTensor reduction.
+        ``auto``: the one measured fastest for the device and d (:data:`AUTO_BACKEND`).
     precision : {"fp32", "tf32", "bf16"}
         GEMM precision of the ``torch`` backend. With ``tf32`` (CUDA) or ``bf16`` the search
         keeps ``k + pool`` candidates per query, whose distances are then recomputed exactly in
@@ -121,6 +127,8 @@ def knn(
     symmetric = bank is None
     bank_ = queries if symmetric else bank
     _check_inputs(queries, bank_, k, exclude, backend)
+    if backend == "auto":
+        backend = auto_backend(queries.device, queries.shape[1])
     n_q, n_b = queries.shape[0], bank_.shape[0]
     device = queries.device
 
@@ -168,6 +176,12 @@ def knn(
     if exclude == "nearest":
         d2, idx = d2[:, 1:], idx[:, 1:]
     return Neighbours(d2.clamp_min_(0).sqrt_(), idx, exclude)
+
+
+def auto_backend(device: torch.device, d: int) -> str:
+    """The backend :data:`AUTO_BACKEND` lists as fastest for this device and dimension."""
+    rules = AUTO_BACKEND.get(torch.device(device).type, AUTO_BACKEND["cpu"])
+    return next(name for max_d, name in rules if d <= max_d)
 
 
 def _check_inputs(queries, bank, k, exclude, backend) -> None:

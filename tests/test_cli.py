@@ -98,3 +98,37 @@ def test_truncated_image_is_named(tiny_demo, tmp_path, capsys):
     (folder / "cut.png").write_bytes((folder / "ok.png").read_bytes()[:50])
     assert main(["run", str(folder), "--unlabeled", "--out", str(tmp_path / "o"), "--quiet"]) == 2
     assert "cut.png" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--method", "padim"],
+        ["--method", "spade", "--k-img", "3"],
+        ["--method", "spade_cluster", "--k", "4", "--k-img", "3"],
+        ["--method", "patchcore_lof", "--k", "5"],
+        ["--method", "mutual", "--mutual-ratio", "0.5"],
+        ["--method", "patchcluster", "--k", "5", "--coreset", "0.25"],
+        ["--method", "patchcore", "--coreset", "0.1", "--exclude", "nearest"],
+    ],
+)
+def test_every_method_runs_from_the_command_line(tiny_demo, tmp_path, extra):
+    argv = ["run", str(tiny_demo), "--category", "brick", "--out", str(tmp_path), "--quiet"]
+    assert main(argv + extra) == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert 0 <= metrics["pixel_auroc"] <= 1 and 0 <= metrics["pro"] <= 1
+    if "--coreset" in extra:
+        ratio = float(extra[extra.index("--coreset") + 1])
+        assert metrics["n_bank"] == int(metrics["n_patches"] * ratio)
+    uses_table = extra[1] in ("patchcluster", "patchcore", "patchcore_lof")
+    assert metrics["image_score"] == ("eq3" if uses_table else "max")
+
+
+def test_coreset_and_lof_bad_arguments(tiny_demo, tmp_path, capsys):
+    argv = ["run", str(tiny_demo), "--category", "brick", "--out", str(tmp_path), "--quiet"]
+    assert main(argv + ["--coreset", "1.5"]) == 2
+    assert "coreset ratio must lie in (0, 1]" in capsys.readouterr().err
+    assert main(argv + ["--coreset", "0.01", "--k", "100"]) == 2  # 47 patches in the coreset
+    assert "k=100 is larger than the bank" in capsys.readouterr().err
+    assert main(argv + ["--method", "patchcore_lof", "--k", "6000"]) == 2
+    assert "larger than the bank" in capsys.readouterr().err

@@ -133,3 +133,12 @@ def test_keops_with_a_separate_bank(clustered):
     b = knn(clustered, 5, clustered[bank_rows], backend="keops", **kw)
     torch.testing.assert_close(a.distances, b.distances, rtol=1e-4, atol=1e-4)
     assert torch.equal(a.indices, b.indices)
+
+
+def test_auto_backend_uses_the_measured_table(clustered):
+    from patchlab.knn import AUTO_BACKEND, auto_backend
+
+    assert auto_backend(torch.device("cpu"), 1024) == AUTO_BACKEND["cpu"][-1][1]
+    a = knn(clustered, 5, backend="auto", progress=False)
+    b = knn(clustered, 5, backend="torch", progress=False)
+    assert torch.equal(a.indices, b.indices)
