@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 PROJECTION_DIM = 128
 N_STARTS = 10
+CORESET_VERSION = 1  # bump whenever the picks for the same inputs change (cache keys)
 
 
 def project(features: torch.Tensor, dim: int = PROJECTION_DIM, seed: int = 0) -> torch.Tensor:

@@ -7,6 +7,7 @@ images -> features (cached) -> [coreset] -> neighbour table (cached) -> patch sc
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import time
 from dataclasses import dataclass, field, replace
@@ -17,13 +18,14 @@ import torch
 
 from patchlab.cache import atomic_save, cache_key, default_cache_dir
 from patchlab.config import RunConfig
-from patchlab.coreset import greedy_coreset
+from patchlab.coreset import CORESET_VERSION, N_STARTS, PROJECTION_DIM, greedy_coreset
 from patchlab.data import ImageSet, load_folder, load_masks, load_mvtec
 from patchlab.features import extract_features, feature_key, resolve_device
-from patchlab.knn import Neighbours, knn
+from patchlab.knn import KNN_VERSION, Neighbours, knn
 from patchlab.maps import anomaly_maps, image_scores
 from patchlab.methods import METHODS, ScoringInputs, score_patches
 from patchlab.metrics import evaluate
+from patchlab.metrics import image_auroc as evaluate_images
 
 
 @dataclass
@@ -66,6 +68,20 @@ def load_images(config: RunConfig) -> ImageSet:
     return load_mvtec(config.data, config.category, config.setting)
 
 
+def feature_options(config: RunConfig, progress: bool = False) -> dict:
+    """The keyword arguments of :func:`extract_features` that a config sets."""
+    return dict(
+        weights=config.weights,
+        seed=config.seed,
+        resize=config.resize,
+        crop=config.crop,
+        batch_size=config.batch_size,
+        device=config.device,
+        cache_dir=config.cache_dir,
+        progress=progress,
+    )
+
+
 def prepare(
     config: RunConfig, progress: bool = True
 ) -> tuple[ImageSet, ScoringInputs, np.ndarray, dict]:
@@ -82,16 +98,7 @@ def prepare(
     images = load_images(config)
     masks = load_masks(images, config.resize, config.crop)
     lap("load")
-    common = dict(
-        weights=config.weights,
-        seed=config.seed,
-        resize=config.resize,
-        crop=config.crop,
-        batch_size=config.batch_size,
-        device=config.device,
-        cache_dir=config.cache_dir,
-        progress=progress,
-    )
+    common = feature_options(config, progress)
     # on CUDA the features stay there: every method then runs on the GPU
     features = extract_features(images, **common).to(resolve_device(config.device))
     method = METHODS[config.method]
@@ -140,6 +147,13 @@ def rescore(
     metrics: dict = {"image_auroc": None, "pixel_auroc": None, "pro": None}
     if images.has_labels:
         metrics = evaluate(images.labels, scores, masks, maps)
+    if rule == "eq3" and images.has_labels:
+        # Eq. 3's weight 1 - exp(a*) / sum exp(d) turns negative when a* exceeds
+        # d_1 + ln(b) (PatchCluster's a* is a mean of K distances): report the plain-max
+        # ranking beside it, and how many images got a negative weight
+        plain = image_scores(patch, None, "max")
+        metrics["image_auroc_max"] = evaluate_images(images.labels, plain)
+        metrics["eq3_negative"] = int((scores < 0).sum())
     n_bank = len(inputs.bank_rows) if inputs.bank_rows is not None else n * h * w
     metrics |= {
         "n_images": n,
@@ -172,7 +186,9 @@ def neighbour_table(
     bank_rows = None
     if config.coreset < 1:
         bank_rows = _coreset_rows(bank, fkey, folder, config, progress)
-    stem = f"neighbours-{fkey}-{config.exclude}-c{config.coreset:g}-s{config.seed}"
+    # the table's identity: features, exclusion, kNN version and the exact bank rows
+    bank_id = "all" if bank_rows is None else hashlib.sha256(bank_rows.numpy()).hexdigest()[:16]
+    stem = f"neighbours-{fkey}-{config.exclude}-{bank_id}-v{KNN_VERSION}"
     need = config.table_k
     cached = sorted(folder.glob(f"{stem}-k*.npz"), key=lambda p: int(p.stem.rsplit("-k", 1)[1]))
     for path in cached:
@@ -214,8 +230,18 @@ def _coreset_rows(bank, fkey, folder, config, progress) -> torch.Tensor:
     """Greedy coreset rows, cached. Greedy picks come in a fixed order for a given seed, so a
     smaller ratio is a prefix of a larger one: a cached longer sequence is cut, not redone."""
     m = max(1, int(bank.shape[0] * config.coreset))
-    stem = f"coreset-{cache_key({'f': fkey, 's': config.seed})}"
-    for path in folder.glob(f"{stem}-m*.npy"):
+    device = resolve_device(config.device)
+    record = {
+        "f": fkey,
+        "seed": config.seed,
+        "starts": N_STARTS,
+        "dim": PROJECTION_DIM,
+        "version": CORESET_VERSION,
+        "device": device.type,
+    }  # CPU and CUDA round apart
+    stem = f"coreset-{cache_key(record)}"
+    longer = sorted(folder.glob(f"{stem}-m*.npy"), key=lambda p: int(p.stem.rsplit("-m", 1)[1]))
+    for path in longer:
         if int(path.stem.rsplit("-m", 1)[1]) >= m:
             return torch.from_numpy(np.load(path)[:m])
     rows = greedy_coreset(

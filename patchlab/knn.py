@@ -28,10 +28,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 EXCLUDE_MODES = ("none", "self", "nearest", "image")
+KNN_VERSION = 2  # bump whenever the tables computed for the same inputs change (cache keys)
 BACKENDS = ("auto", "torch", "keops")
 # backend="auto": the fastest backend measured for (device, largest d) with benchmarks/knn.py
 # (docs/performance.md). CPU: the blocked GEMM won at every size measured, d = 64 included.
@@ -132,22 +134,25 @@ def knn(
     n_q, n_b = queries.shape[0], bank_.shape[0]
     device = queries.device
 
+    if symmetric and (bank_ids is not None or bank_groups is not None):
+        raise ValueError("self-kNN (bank=None): pass query_ids / query_groups only")
     if exclude == "self":
-        if query_ids is None and bank_ids is None and symmetric:
-            query_ids = bank_ids = torch.arange(n_q, device=device)
-        elif query_ids is None or bank_ids is None:
+        if query_ids is None and symmetric:
+            query_ids = torch.arange(n_q, device=device)
+        if query_ids is None or (bank_ids is None and not symmetric):
             raise ValueError(
                 "exclude='self' with a separate bank needs query_ids and bank_ids "
                 "(the identity of every row); use exclude='none' if queries are not in the bank"
             )
-        query_ids, bank_ids = query_ids.to(device), bank_ids.to(device)
+        query_ids = query_ids.to(device)
+        bank_ids = query_ids if symmetric else bank_ids.to(device)
     if exclude == "image":
         if query_groups is None:
             raise ValueError("exclude='image' needs query_groups (the image index of every query)")
-        bank_groups = query_groups if (symmetric and bank_groups is None) else bank_groups
-        if bank_groups is None:
+        if bank_groups is None and not symmetric:
             raise ValueError("exclude='image' with a separate bank needs bank_groups as well")
-        query_groups, bank_groups = query_groups.to(device), bank_groups.to(device)
+        query_groups = query_groups.to(device)
+        bank_groups = query_groups if symmetric else bank_groups.to(device)
 
     excluded = _excluded_count(exclude, query_ids, bank_ids, query_groups, bank_groups)
     k_search = k + 1 if exclude == "nearest" else k
@@ -194,8 +199,11 @@ def _check_inputs(queries, bank, k, exclude, backend) -> None:
             f"queries and bank must be 2-D with the same width; got {tuple(queries.shape)} "
             f"and {tuple(bank.shape)}"
         )
-    if not isinstance(k, int) or k < 1:
+    if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
         raise ValueError(f"k must be a positive integer, got {k!r}")
+    for name, x in (("queries", queries), ("bank", bank)):
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError(f"{name} hold NaN or inf values; check the features")
 
 
 def _excluded_count(exclude, query_ids, bank_ids, query_groups, bank_groups) -> int:
@@ -227,11 +235,9 @@ def _knn_torch(queries, bank, k, symmetric, ids, groups, block_size, progress, p
     q_norm, b_norm = (q * q).sum(1), (b * b).sum(1)
     n_q, n_b = q.shape[0], b.shape[0]
     bs = block_size or default_block_size(device, max(n_q, n_b))
-
     low = {"bf16": torch.bfloat16}.get(precision)
-    q_gemm, b_gemm = (q.to(low), b.to(low)) if low else (q, b)
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+    q_low, b_low = (q.to(low), b.to(low)) if low else (None, None)
+
     best_d = torch.full((n_q, k), math.inf, device=device)
     best_i = torch.full((n_q, k), -1, dtype=torch.int64, device=device)
     row_blocks = [(s, min(s + bs, n_q)) for s in range(0, n_q, bs)]
@@ -242,18 +248,25 @@ def _knn_torch(queries, bank, k, symmetric, ids, groups, block_size, progress, p
         for ci, c in enumerate(col_blocks)
         if not symmetric or ci >= ri
     ]
-    for (r0, r1), (c0, c1) in tqdm(pairs, desc="neighbours", unit="block", disable=not progress):
-        # squared distances of one block: ||m||^2 - 2<f, m> in the GEMM, + ||f||^2 after
-        if low:
-            d2 = (q_gemm[r0:r1] @ b_gemm[c0:c1].T).float().mul_(-2.0).add_(b_norm[None, c0:c1])
-        else:
-            d2 = torch.addmm(b_norm[None, c0:c1], q[r0:r1], b[c0:c1].T, alpha=-2.0)
-        d2.add_(q_norm[r0:r1, None])
-        _mask_excluded(d2, r0, r1, c0, c1, ids, groups, symmetric)
-        _merge(best_d, best_i, d2, r0, c0)
-        if symmetric and c0 != r0:
-            _merge(best_d, best_i, d2, c0, r0, transposed=True)
-    torch.backends.cuda.matmul.allow_tf32 = tf32
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+    try:
+        for (r0, r1), (c0, c1) in tqdm(
+            pairs, desc="neighbours", unit="block", disable=not progress
+        ):
+            # squared distances of one block: ||m||^2 - 2<f, m> in the GEMM, + ||f||^2 after
+            if low:
+                d2 = (q_low[r0:r1] @ b_low[c0:c1].T).float().mul_(-2.0)
+                d2.add_(b_norm[None, c0:c1])
+            else:
+                d2 = torch.addmm(b_norm[None, c0:c1], q[r0:r1], b[c0:c1].T, alpha=-2.0)
+            d2.add_(q_norm[r0:r1, None])
+            _mask_excluded(d2, r0, r1, c0, c1, ids, groups)
+            _merge(best_d, best_i, d2, r0, c0)
+            if symmetric and c0 != r0:
+                _merge(best_d, best_i, d2, c0, r0, transposed=True)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
     _refine_near_duplicates(best_d, best_i, q, b, q_norm, b_norm)
     return best_d, best_i
 
@@ -332,11 +345,8 @@ def nearest_per_group(
     return out.clamp_min_(0).sqrt_()
 
 
-def _mask_excluded(d2, r0, r1, c0, c1, ids, groups, symmetric) -> None:
+def _mask_excluded(d2, r0, r1, c0, c1, ids, groups) -> None:
     """Set excluded entries of one block to +inf, in place (only where ranges can meet)."""
-    if symmetric and ids[0] is not None and r0 == c0:
-        d2.fill_diagonal_(math.inf)
-        return
     for q_key, b_key in (ids, groups):
         if q_key is None:
             continue

@@ -39,10 +39,8 @@ def _pykeops():
         raise RuntimeError(
             "backend='keops' needs PyKeOps: pip install pykeops (or patchlab[keops])"
         ) from err
-    if native:
-        folder = os.path.join(pykeops.get_build_folder(), "patchlab-native")
-        if pykeops.get_build_folder() != folder:
-            pykeops.set_build_folder(folder)
+    if native and os.path.basename(pykeops.get_build_folder()) != "patchlab-native":
+        pykeops.set_build_folder(os.path.join(pykeops.get_build_folder(), "patchlab-native"))
     return LazyTensor
 
 

@@ -11,6 +11,7 @@ interruption). ``OUT/table<N>.md`` holds the markdown table, mean over categorie
 from __future__ import annotations
 
 import csv
+import json
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -21,11 +22,11 @@ from tqdm.auto import tqdm
 from patchlab.config import RunConfig
 from patchlab.coreset import greedy_coreset
 from patchlab.data import load_masks, load_mvtec
-from patchlab.experiment import neighbour_table, prepare, rescore
+from patchlab.experiment import feature_options, neighbour_table, prepare, rescore
 from patchlab.features import extract_features, resolve_device
 from patchlab.knn import knn
 from patchlab.maps import anomaly_maps, image_scores
-from patchlab.methods import ScoringInputs, score_patches
+from patchlab.methods import METHODS, ScoringInputs, score_patches
 from patchlab.metrics import evaluate
 
 SETTINGS = ("mix", "test", "ano")
@@ -137,13 +138,14 @@ def reproduce(
     title, rows = TABLES[table]
     out.mkdir(parents=True, exist_ok=True)
     csv_path = out / f"table{table}.csv"
+    _check_resume(out / f"table{table}.json", base)
     done = _done_cells(csv_path)
     cell_settings = ("one-class",) if table == 4 else settings
     cells = [(c, s, r) for c in cats for s in cell_settings for r in rows]
     bar = tqdm(cells, desc=f"table {table}", unit="cell", disable=not progress)
     prepared: dict = {}
     for category, setting, row in bar:
-        key = (str(category), setting, row.label)
+        key = (category or "", setting, row.label)
         if key in done:
             continue
         bar.set_postfix_str(f"{category} {setting} {row.label}")
@@ -177,10 +179,14 @@ def _blind_cell(data, category, setting, row, rows, base, prepared) -> tuple[dic
     Returns the metrics and, for SPADE, the K_img used: the configured one (50), or
     n_images - 1 on sets too small for it (recorded in the CSV).
     """
+
+    # self-kNN: dropping the first neighbour and dropping the query itself remove the same
+    # zero distance, so the two tables hold identical distances; 'nearest' reuses 'self' there
+    def table_exclude(r: Row) -> str:
+        return "self" if (r.exclude, r.coreset) == ("nearest", 1.0) else r.exclude
+
     # the widest table any row of this table needs with the same bank and exclusion
-    k_max = max(
-        max(r.k for r in rows if (r.coreset, r.exclude) == (row.coreset, row.exclude)), base.b
-    )
+    same = [r.k for r in rows if (r.coreset, table_exclude(r)) == (row.coreset, table_exclude(row))]
     config = replace(
         base,
         data=str(data),
@@ -188,37 +194,23 @@ def _blind_cell(data, category, setting, row, rows, base, prepared) -> tuple[dic
         setting=setting,
         method=row.method,
         k=row.k,
-        k_max=k_max,
+        k_max=max(*same, base.b),
         coreset=row.coreset,
-        exclude=row.exclude,
+        exclude=table_exclude(row),
     )
-    if row.exclude == "nearest" and row.coreset == 1:
-        # self-kNN: dropping the first neighbour and dropping the query itself remove the same
-        # zero distance, so the two tables hold identical distances; reuse the 'self' table
-        config = replace(config, exclude="self")
     if (category, setting) not in prepared:
         prepared.clear()  # keep one (category, setting) in memory
         prepared[(category, setting)] = prepare(config, progress=False)[:3]
     images, inputs, masks = prepared[(category, setting)]
+    method = METHODS[config.method]
     table, bank_rows = (None, None)
-    if config.method in ("patchcluster", "patchcore", "patchcore_lof"):
+    if method.uses_table:
         table, bank_rows = neighbour_table(images, inputs.features, config, progress=False)
-    glob = inputs.global_features
-    if config.method in ("spade", "spade_cluster") and glob is None:
-        glob = extract_features(
-            images,
-            kind="global",
-            weights=config.weights,
-            seed=config.seed,
-            resize=config.resize,
-            crop=config.crop,
-            device=config.device,
-            cache_dir=config.cache_dir,
-            progress=False,
-        )
-        prepared[(category, setting)] = (images, replace(inputs, global_features=glob), masks)
-    k_img = None
-    if config.method in ("spade", "spade_cluster"):
+    glob, k_img = inputs.global_features, None
+    if method.uses_global:
+        if glob is None:
+            glob = extract_features(images, kind="global", **feature_options(config))
+            prepared[(category, setting)] = (images, replace(inputs, global_features=glob), masks)
         k_img = min(config.k_img, len(images) - 1)
         config = replace(config, k_img=k_img)
     cell_inputs = ScoringInputs(inputs.features, table, bank_rows, glob)
@@ -228,16 +220,7 @@ def _blind_cell(data, category, setting, row, rows, base, prepared) -> tuple[dic
 def _one_class_cell(data, category, row, base, progress) -> dict:
     """Table 4: the bank holds train/good patches (or their coreset); test images are scored."""
     config = replace(base, data=str(data), category=category, method=row.method, k=row.k)
-    common = dict(
-        weights=config.weights,
-        seed=config.seed,
-        resize=config.resize,
-        crop=config.crop,
-        batch_size=config.batch_size,
-        device=config.device,
-        cache_dir=config.cache_dir,
-        progress=progress,
-    )
+    common = feature_options(config, progress)
     train = load_mvtec(data, category, "train")
     test = load_mvtec(data, category, "test")
     bank_f = extract_features(train, **common)
@@ -264,6 +247,24 @@ def _one_class_cell(data, category, row, base, progress) -> dict:
     scores = image_scores(patch, table, config.image_score, config.b)
     masks = load_masks(test, config.resize, config.crop)
     return evaluate(test.labels, scores, masks, maps)
+
+
+def _check_resume(path: Path, base: RunConfig) -> None:
+    """Record the shared settings beside the CSV; refuse to resume a table made with others."""
+    cell_fields = {"data", "category", "setting", "method", "k", "k_max", "coreset", "exclude"}
+    shared = {k: v for k, v in base.to_dict().items() if k not in cell_fields}
+    shared.pop("cache_dir")
+    shared.pop("device")  # results do not depend on where they were computed
+    shared.pop("backend")
+    if path.is_file():
+        before = json.loads(path.read_text())
+        if before != shared:
+            diff = {k: (before.get(k), v) for k, v in shared.items() if before.get(k) != v}
+            raise ValueError(
+                f"{path.parent} holds a table computed with other settings {diff}; "
+                "use another --out folder or delete it"
+            )
+    path.write_text(json.dumps(shared, indent=1) + "\n")
 
 
 def _done_cells(path: Path) -> set[tuple[str, str, str]]:

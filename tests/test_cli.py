@@ -32,6 +32,8 @@ def test_run_writes_metrics_scores_and_maps(tiny_demo, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n_images"] == 9 and metrics["n_patches"] == 9 * 28 * 28
     assert set(metrics["seconds"]) >= {"features", "neighbours", "scores"}
+    # Eq. 3 (the image score used) is reported beside the plain max, with its negative weights
+    assert 0 <= metrics["image_auroc_max"] <= 1 and 0 <= metrics["eq3_negative"] <= 9
     maps = np.load(out / "maps.npz")
     assert maps["maps"].shape == (9, 224, 224) and maps["maps"].dtype == np.float32
     assert maps["masks"].dtype == np.uint8 and len(maps["paths"]) == 9

@@ -1,5 +1,7 @@
 """The blocked kNN against brute force (float64 distance matrices, tiny sizes only)."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -135,10 +137,39 @@ def test_keops_with_a_separate_bank(clustered):
     assert torch.equal(a.indices, b.indices)
 
 
-def test_auto_backend_uses_the_measured_table(clustered):
-    from patchlab.knn import AUTO_BACKEND, auto_backend
+def test_auto_backend_reads_the_table(clustered, monkeypatch):
+    from patchlab import knn as knn_module
 
-    assert auto_backend(torch.device("cpu"), 1024) == AUTO_BACKEND["cpu"][-1][1]
-    a = knn(clustered, 5, backend="auto", progress=False)
+    monkeypatch.setattr(knn_module, "AUTO_BACKEND", {"cpu": ((64, "keops"), (math.inf, "torch"))})
+    assert knn_module.auto_backend(torch.device("cpu"), 32) == "keops"
+    assert knn_module.auto_backend(torch.device("cpu"), 1024) == "torch"
+    a = knn(clustered, 5, backend="auto", progress=False)  # d = 32: the KeOps route
     b = knn(clustered, 5, backend="torch", progress=False)
-    assert torch.equal(a.indices, b.indices)
+    torch.testing.assert_close(a.distances, b.distances, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "tf32"])
+def test_reduced_precision_with_a_full_pool_is_exact(clustered, precision):
+    """With every bank row in the candidate pool the exact re-ranking must give fp32's answer."""
+    exact = knn(clustered, 6, progress=False)
+    low = knn(clustered, 6, precision=precision, pool=900, block_size=256, progress=False)
+    torch.testing.assert_close(low.distances, exact.distances, rtol=1e-5, atol=1e-5)
+    assert (low.indices == exact.indices).float().mean() > 0.999
+
+
+def test_symmetric_with_explicit_ids(clustered):
+    ids = torch.arange(900) // 2  # rows 2i and 2i+1 are "the same patch"
+    nb = knn(clustered, 4, exclude="self", query_ids=ids, block_size=128, progress=False)
+    ref_d, ref_i = brute(clustered, clustered, 4, ids[:, None] == ids[None, :])
+    assert_same(nb, ref_d, ref_i)
+
+
+def test_non_finite_features_and_integer_k(clustered):
+    bad = clustered.clone()
+    bad[5, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        knn(bad, 3, progress=False)
+    nb = knn(clustered, np.int64(3), progress=False)
+    assert nb.k == 3
+    with pytest.raises(ValueError, match="pass query_ids / query_groups only"):
+        knn(clustered, 3, bank_ids=torch.arange(900), progress=False)

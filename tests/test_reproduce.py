@@ -69,3 +69,23 @@ def test_bad_table_and_unlabelled_data(tmp_path, tiny_demo, capsys):
     assert "tables need labelled data" in capsys.readouterr().err
     with pytest.raises(ValueError, match="table=9 is unknown"):
         rep.reproduce(tiny_demo, 9, tmp_path)
+
+
+def test_resume_on_a_category_folder_and_settings_guard(tiny_demo, tmp_path, monkeypatch):
+    args = [
+        "reproduce",
+        str(tiny_demo / "brick"),
+        "--table",
+        "5",
+        "--settings",
+        "ano",
+        "--out",
+        str(tmp_path),
+        "--quiet",
+    ]
+    assert main(args) == 0
+    first = rows_of(tmp_path / "table5.csv")
+    assert len(first) == 7 and {r["category"] for r in first} == {""}
+    monkeypatch.setattr(rep, "_blind_cell", lambda *a, **k: pytest.fail("recomputed"))
+    assert main(args) == 0 and rows_of(tmp_path / "table5.csv") == first
+    assert main(args + ["--seed", "3"]) == 2  # other weights: refuse to mix the tables
