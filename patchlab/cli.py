@@ -160,7 +160,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(
         f"\nweights={args.weights!r} setting={args.setting} exclude={args.exclude}"
         + (
-            " (random weights: image AUROC near chance is expected)"
+            " (random weights; image_auroc: Eq. 3, max_auroc: plain max; see README)"
             if args.weights == "none"
             else ""
         )
