@@ -20,10 +20,13 @@ def test_table2_has_every_method_and_setting(tiny_demo, tmp_path):
     for r in rows:
         assert 0 <= float(r["pixel_auroc"]) <= 1 and 0 <= float(r["pro"]) <= 1
         assert (r["image_auroc"] == "") == (r["setting"] == "ano")  # undefined without goods
+        assert (r["image_auroc_max"] == "") == (r["setting"] == "ano")
+        if r["method"] in ("padim", "spade", "mutual"):  # no table: the max is the score
+            assert r["image_auroc_max"] == r["image_auroc"]
     spade = [r for r in rows if r["method"] == "spade"]
     assert {int(r["k_img"]) for r in spade} == {8, 5, 2}  # n_images - 1 on this tiny set
     md = (tmp_path / "table2.md").read_text()
-    assert "PatchCluster-25%" in md and "mix P-AUROC" in md
+    assert "PatchCluster-25%" in md and "mix P-AUROC" in md and "I-AUROC (max)" in md
 
 
 def test_resume_skips_finished_cells(tiny_demo, tmp_path, monkeypatch):
