@@ -116,13 +116,17 @@ def prepare(
 def run(config: RunConfig, progress: bool = True) -> Result:
     """Run the whole pipeline once; features and neighbours come from the cache when present."""
     images, inputs, masks, seconds = prepare(config, progress)
-    result = rescore(config, images, inputs, masks)
+    result = rescore(config, images, inputs, masks, progress=progress)
     result.metrics["seconds"] = {**seconds, **result.metrics["seconds"]}
     return result
 
 
 def rescore(
-    config: RunConfig, images: ImageSet, inputs: ScoringInputs, masks: np.ndarray
+    config: RunConfig,
+    images: ImageSet,
+    inputs: ScoringInputs,
+    masks: np.ndarray,
+    progress: bool = False,
 ) -> Result:
     """Scores, maps, image scores and metrics from prepared inputs (no feature or kNN work).
 
@@ -138,6 +142,7 @@ def rescore(
         k_img=config.k_img,
         ratio=config.mutual_ratio,
         seed=config.seed,
+        progress=progress,
     )
     patch = flat.reshape(n, h, w)
     maps = anomaly_maps(patch, config.crop or config.resize, config.sigma)

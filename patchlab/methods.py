@@ -107,17 +107,21 @@ def padim(inputs: ScoringInputs, k: int = 1, *, seed: int = 0, n_dims: int = 550
     return scores.T.reshape(-1).float()
 
 
-def spade(inputs: ScoringInputs, k: int = 1, *, k_img: int = 50) -> torch.Tensor:
+def spade(
+    inputs: ScoringInputs, k: int = 1, *, k_img: int = 50, progress: bool = False
+) -> torch.Tensor:
     """SPADE: nearest patch among the K_img nearest images (by global feature), itself excluded."""
-    return _spade(inputs, 1, k_img)
+    return _spade(inputs, 1, k_img, progress)
 
 
-def spade_cluster(inputs: ScoringInputs, k: int, *, k_img: int = 50) -> torch.Tensor:
+def spade_cluster(
+    inputs: ScoringInputs, k: int, *, k_img: int = 50, progress: bool = False
+) -> torch.Tensor:
     """SPADE-Cluster: mean distance to the K nearest patches among the K_img nearest images."""
-    return _spade(inputs, k, k_img)
+    return _spade(inputs, k, k_img, progress)
 
 
-def _spade(inputs: ScoringInputs, k: int, k_img: int) -> torch.Tensor:
+def _spade(inputs: ScoringInputs, k: int, k_img: int, progress: bool) -> torch.Tensor:
     n, h, w, d = inputs.features.shape
     if inputs.global_features is None:
         raise ValueError("SPADE needs global features (extract_features(kind='global'))")
@@ -128,14 +132,16 @@ def _spade(inputs: ScoringInputs, k: int, k_img: int) -> torch.Tensor:
     images = knn(inputs.global_features, k_img, exclude="self", progress=False).indices
     patches = inputs.features.reshape(n, h * w, d)
     out = torch.empty(n, h * w, device=patches.device)
-    for i in tqdm(range(n), desc="spade", unit="img", disable=n < 50):
+    for i in tqdm(range(n), desc="spade", unit="img", disable=not progress):
         gallery = patches[images[i]].reshape(-1, d)  # patches of the K_img nearest images
         table = knn(patches[i], k, gallery, exclude="none", progress=False)
         out[i] = table.distances.mean(1)
     return out.reshape(-1)
 
 
-def mutual(inputs: ScoringInputs, k: int = 1, *, ratio: float = 0.3) -> torch.Tensor:
+def mutual(
+    inputs: ScoringInputs, k: int = 1, *, ratio: float = 0.3, progress: bool = False
+) -> torch.Tensor:
     """Mutual scoring (after MuSc): the mean of the lowest ``ratio`` of per-image minima.
 
         m_j(f) = min_{g in image j} ||f - g||   for every other image j
@@ -149,7 +155,7 @@ def mutual(inputs: ScoringInputs, k: int = 1, *, ratio: float = 0.3) -> torch.Te
     if not 0 < ratio <= 1:
         raise ValueError(f"mutual ratio must lie in (0, 1], got {ratio}")
     bank = inputs.features.reshape(n * h * w, d)
-    minima = nearest_per_group(bank, bank, h * w, progress=n * h * w > 50_000)  # (N, n)
+    minima = nearest_per_group(bank, bank, h * w, progress=progress)  # (N, n)
     own = torch.arange(n, device=bank.device).repeat_interleave(h * w)
     minima[torch.arange(n * h * w, device=bank.device), own] = float("inf")  # own image
     keep = max(1, int(-(-ratio * (n - 1) // 1)))

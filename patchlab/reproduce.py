@@ -294,6 +294,9 @@ def markdown(csv_path: Path, table: int, title: str) -> str:
         records = list(csv.DictReader(f))
     settings = list(dict.fromkeys(r["setting"] for r in records))
     by = "category" if table == 3 else "row"
+    if by == "row":  # the table's own row order, whatever order the cells were computed in
+        order = {row.label: i for i, row in enumerate(TABLES[table][1])}
+        records.sort(key=lambda r: order.get(r["row"], len(order)))
     lines = [
         f"Table {table}: {title}; mean over {len({r['category'] for r in records})} "
         "categories (image AUROC / pixel AUROC / PRO; n/a where undefined).",
