@@ -10,7 +10,7 @@ import csv
 import hashlib
 import json
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -283,8 +283,3 @@ def save_result(result: Result, out: str | Path) -> Path:
         paths=np.array([str(p) for p in result.images.paths]),
     )
     return out
-
-
-def with_method(config: RunConfig, method: str, k: int | None = None) -> RunConfig:
-    """A copy of ``config`` with another method (and K)."""
-    return replace(config, method=method, k=config.k if k is None else k)

@@ -271,8 +271,9 @@ def _knn_torch(queries, bank, k, symmetric, ids, groups, block_size, progress, p
     return best_d, best_i
 
 
-def _rerank(queries, bank, idx, k, chunk: int = 2048):
+def _rerank(queries, bank, idx, k):
     """Exact float32 squared distances to every candidate, then the k smallest of each row."""
+    chunk = max(1, 2**25 // (idx.shape[1] * bank.shape[1]))  # (chunk, wide, d) <= 128 MB
     mean = bank.float().mean(0, keepdim=True)
     out_d = torch.empty(idx.shape[0], k, device=idx.device)
     out_i = torch.empty(idx.shape[0], k, dtype=torch.int64, device=idx.device)
