@@ -96,6 +96,11 @@ def weights_identity(weights: str | Path, seed: int) -> str:
         return f"random-seed{seed}"
     if str(weights) == "imagenet":
         return "IMAGENET1K_V1"
+    if not Path(weights).is_file():
+        raise FileNotFoundError(
+            f"weights file {weights} does not exist; pass --weights imagenet, none or a "
+            "state-dict file"
+        )
     digest = hashlib.sha256(Path(weights).read_bytes()).hexdigest()
     return f"file-{digest}"
 

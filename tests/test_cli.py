@@ -134,3 +134,19 @@ def test_coreset_and_lof_bad_arguments(tiny_demo, tmp_path, capsys):
     assert "k=100 is larger than the bank" in capsys.readouterr().err
     assert main(argv + ["--method", "patchcore_lof", "--k", "6000"]) == 2
     assert "larger than the bank" in capsys.readouterr().err
+
+
+def test_missing_weights_file_is_named(tiny_demo, tmp_path, capsys):
+    argv = [
+        "run",
+        str(tiny_demo),
+        "--category",
+        "brick",
+        "--out",
+        str(tmp_path),
+        "--quiet",
+        "--weights",
+        str(tmp_path / "nope.pth"),
+    ]
+    assert main(argv) == 2
+    assert "nope.pth does not exist" in capsys.readouterr().err
