@@ -224,14 +224,23 @@ def default_block_size(device: torch.device, n: int) -> int:
     return 2048
 
 
+def centred(
+    queries: torch.Tensor, bank: torch.Tensor, symmetric: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both sets translated by the bank mean, float32, contiguous.
+
+    Distances are unchanged, the norms shrink, and so does the cancellation error of
+    ||f||^2 + ||m||^2 - 2<f, m> in float32. With ``symmetric`` the bank is the queries.
+    """
+    mean = bank.float().mean(0, keepdim=True)
+    q = (queries.float() - mean).contiguous()
+    return q, q if symmetric else (bank.float() - mean).contiguous()
+
+
 def _knn_torch(queries, bank, k, symmetric, ids, groups, block_size, progress, precision="fp32"):
     """Blocked exact kNN returning squared distances (n_q, k) and indices (n_q, k)."""
     device = queries.device
-    # Translate both sets by the bank mean: distances are unchanged, the norms shrink, and
-    # so does the cancellation error of ||f||^2 + ||m||^2 - 2<f, m> in float32.
-    mean = bank.float().mean(0, keepdim=True)
-    q = (queries.float() - mean).contiguous()
-    b = q if symmetric else (bank.float() - mean).contiguous()
+    q, b = centred(queries, bank, symmetric)
     q_norm, b_norm = (q * q).sum(1), (b * b).sum(1)
     n_q, n_b = q.shape[0], b.shape[0]
     bs = block_size or default_block_size(device, max(n_q, n_b))
@@ -274,13 +283,12 @@ def _knn_torch(queries, bank, k, symmetric, ids, groups, block_size, progress, p
 def _rerank(queries, bank, idx, k):
     """Exact float32 squared distances to every candidate, then the k smallest of each row."""
     chunk = max(1, 2**25 // (idx.shape[1] * bank.shape[1]))  # (chunk, wide, d) <= 128 MB
-    mean = bank.float().mean(0, keepdim=True)
     out_d = torch.empty(idx.shape[0], k, device=idx.device)
     out_i = torch.empty(idx.shape[0], k, dtype=torch.int64, device=idx.device)
     for s in range(0, idx.shape[0], chunk):
         cand = idx[s : s + chunk]
-        q = queries[s : s + chunk].float() - mean
-        diff = bank[cand.clamp_min(0)].float() - mean - q[:, None, :]  # (chunk, wide, d)
+        q = queries[s : s + chunk].float()
+        diff = bank[cand.clamp_min(0)].float() - q[:, None, :]  # (chunk, wide, d)
         d2 = diff.pow_(2).sum(2).masked_fill_(cand < 0, math.inf)
         top, pos = d2.topk(k, dim=1, largest=False)
         out_d[s : s + chunk], out_i[s : s + chunk] = top, cand.gather(1, pos)
@@ -329,8 +337,7 @@ def nearest_per_group(
     """
     if bank.shape[0] % group_size:
         raise ValueError(f"bank rows ({bank.shape[0]}) are not a multiple of group_size")
-    mean = bank.float().mean(0, keepdim=True)
-    q, b = queries.float() - mean, bank.float() - mean
+    q, b = centred(queries, bank)
     q_norm, b_norm = (q * q).sum(1), (b * b).sum(1)
     n_groups = bank.shape[0] // group_size
     out = torch.empty(q.shape[0], n_groups, device=q.device)

@@ -24,6 +24,8 @@ import shutil
 import torch
 from tqdm.auto import tqdm
 
+from patchlab.knn import centred
+
 PENALTY = 1e30
 
 
@@ -57,9 +59,8 @@ def knn_keops(queries, bank, k, ids, groups, block_size, progress):
     device = queries.device
     _check_compiler(device)
     LazyTensor = _pykeops()
-    mean = bank.float().mean(0, keepdim=True)
-    q = (queries.float() - mean).contiguous()
-    b = (bank.float() - mean).contiguous()
+
+    q, b = centred(queries, bank)
     y_j = LazyTensor(b[None, :, :])
     keys = [(qk, bk) for qk, bk in (ids, groups) if qk is not None]
     for qk, bk in keys:
