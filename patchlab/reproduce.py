@@ -24,10 +24,8 @@ from patchlab.coreset import greedy_coreset
 from patchlab.data import load_masks, load_mvtec
 from patchlab.experiment import feature_options, neighbour_table, prepare, rescore
 from patchlab.features import extract_features, resolve_device
-from patchlab.knn import knn
-from patchlab.maps import anomaly_maps, image_scores
-from patchlab.methods import METHODS, ScoringInputs, score_patches
-from patchlab.metrics import evaluate
+from patchlab.knn import Neighbours, knn
+from patchlab.methods import METHODS, ScoringInputs
 
 SETTINGS = ("mix", "test", "ano")
 METRICS = ("image_auroc", "pixel_auroc", "pro")
@@ -228,7 +226,7 @@ def _one_class_cell(data, category, row, base, progress) -> dict:
     test = load_mvtec(data, category, "test")
     bank_f = extract_features(train, **common)
     test_f = extract_features(test, **common)
-    n, h, w, d = test_f.shape
+    d = test_f.shape[-1]
     bank = bank_f.reshape(-1, d)
     device = resolve_device(config.device)
     if row.coreset < 1:
@@ -244,12 +242,9 @@ def _one_class_cell(data, category, row, base, progress) -> dict:
         backend=config.backend,
         progress=progress,
     )
-    table = type(table)(table.distances.cpu(), table.indices.cpu(), "none")
-    patch = score_patches(row.method, ScoringInputs(test_f, table), row.k).reshape(n, h, w)
-    maps = anomaly_maps(patch, config.crop or config.resize, config.sigma)
-    scores = image_scores(patch, table, config.image_score, config.b)
+    table = Neighbours(table.distances.cpu(), table.indices.cpu(), "none")
     masks = load_masks(test, config.resize, config.crop)
-    return evaluate(test.labels, scores, masks, maps)
+    return rescore(config, test, ScoringInputs(test_f, table), masks).metrics
 
 
 def _check_resume(path: Path, base: RunConfig) -> None:
