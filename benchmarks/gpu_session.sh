@@ -1,46 +1,82 @@
 #!/usr/bin/env bash
-# One prepared device session (the `device` tool's `run`): CUDA kNN benchmark, reduced-precision
-# pool study, and the paper's tables 2, 5, 7 on the demo data and on magnetic_tile, on the GPU.
-# Everything lands in $OUT/results.tgz (refreshed every 20 s, so a timeout still returns work).
-# The magnetic tile data travels through a git-excluded link: shared_link -> ../shared.
+# One prepared device session (the `device` tool's `run`), sized to end by $BUDGET seconds:
+#   1. the CUDA tests (tests/test_cuda.py), beside
+#   2. the paper's tables 5, 7 and 2 on magnetic_tile, one process chain per blind setting
+#      (mix, test, ano run side by side on the one GPU; within a chain table 5 first, whose
+#      K = 200 self-kNN table then serves tables 7 and 2, which run side by side),
+#   3. the reduced-precision pool study on real features, once the ano chain is done,
+#   4. the CUDA kNN benchmark, only once every chain is done (timings need a quiet GPU).
+# Everything lands in $OUT/results.tgz, refreshed every 15 s, so a timeout still returns work.
+# The magnetic tile data travels through a git-excluded link, shared_link -> ../shared, and
+# the pykeops sdists in .whl/: run with carry ["shared_link/data/magnetic_tile", ".whl"].
+# Per-setting CSVs are merged afterwards with benchmarks/merge_tables.py.
 set -u
-RES=/tmp/res; mkdir -p "$RES"
-( while true; do tar czf "$OUT/results.tgz" -C "$RES" . 2>/dev/null; sleep 20; done ) &
+START=$(date +%s)
+BUDGET=${BUDGET:-510}
+END=$((START + BUDGET))
+left() { echo $((END - $(date +%s))); }
+RES=/tmp/res
+mkdir -p "$RES"
+(while true; do tar czf "$OUT/results.tgz" -C "$RES" . 2>/dev/null; sleep 15; done) &
+TAR=$!
+log() { echo "[$(($(date +%s) - START)) s] $*" | tee -a "$RES/session.log"; }
 python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site .whl/* \
-    > "$RES/pip.log" 2>&1
-export PYTHONPATH=/tmp/site:$PWD PATCHLAB_CACHE=/tmp/plcache
-log() { echo "[$(date +%T)] $*" | tee -a "$RES/session.log"; }
-{ nvidia-smi -L; python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name())"; } \
-    > "$RES/gpu.txt" 2>&1
-STAGE=${STAGE:-all}
-if [ "$STAGE" = all ] || [ "$STAGE" = a ]; then
-  log "knn benchmark 50k"
-  timeout 240 python3 benchmarks/knn.py --device cuda --sizes 50000x1024x100 50000x64x10 \
-      --backends torch torch-tf32 torch-bf16 keops --keops-limit 60 > "$RES/knn_cuda.txt" 2>&1
-  log "demo tables"
-  python3 -m patchlab.cli demo-data data/demo > /dev/null
-  for t in 2 5 7; do
-    python3 -m patchlab.cli reproduce data/demo --table $t --out "$RES/demo" --quiet \
-        > "$RES/demo_t$t.log" 2>&1
-    log "demo table $t rc=$?"
-  done
-  log "magnetic table 2"
-  python3 -m patchlab.cli reproduce shared_link/data --categories magnetic_tile --table 2 \
-      --out "$RES/magnetic_tile" --quiet > "$RES/mt_t2.log" 2>&1
-  log "magnetic table 2 rc=$?"
-fi
-if [ "$STAGE" = all ] || [ "$STAGE" = b ]; then
-  for t in 7 5; do
-    python3 -m patchlab.cli reproduce shared_link/data --categories magnetic_tile --table $t \
-        --out "$RES/magnetic_tile" --quiet > "$RES/mt_t$t.log" 2>&1
-    log "magnetic table $t rc=$?"
-  done
-  log "precision pools"
-  timeout 120 python3 benchmarks/precision_pool.py shared_link/data --category magnetic_tile \
-      --setting test --device cuda > "$RES/precision_pool.txt" 2>&1
-  log "knn benchmark 300k"
-  timeout 200 python3 benchmarks/knn.py --device cuda --sizes 300000x1024x100 \
-      --backends torch torch-tf32 keops --keops-limit 30 > "$RES/knn_cuda_300k.txt" 2>&1
-  log "done"
-fi
+    >"$RES/pip.log" 2>&1
+export PYTHONPATH=/tmp/site:$PWD PATCHLAB_CACHE=/tmp/plcache PYTHONUNBUFFERED=1
+{
+    nvidia-smi -L
+    nproc
+    python3 -c "import torch, numpy; print(torch.__version__, numpy.__version__, torch.cuda.get_device_name())"
+} >"$RES/gpu.txt" 2>&1
+log "start"
+DATA=${DATA:-shared_link/data} CATEGORY=${CATEGORY:-magnetic_tile} DEVICE=${DEVICE:-cuda}
+rep() { # table setting
+    python3 -m patchlab.cli reproduce "$DATA" --categories "$CATEGORY" \
+        --table "$1" --settings "$2" --device "$DEVICE" --out "$RES/mt_$2" --quiet \
+        >"$RES/mt_t$1_$2.log" 2>&1
+    log "table $1 $2 rc=$?"
+}
+chain() { # setting
+    rep 5 "$1"
+    rep 7 "$1" &
+    rep 2 "$1"
+    wait
+}
+for s in ano test mix; do
+    chain $s &
+    eval "CHAIN_$s=$!"
+done
+python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py >"$RES/test_cuda.log" 2>&1
+log "cuda tests rc=$?"
+
+wait "$CHAIN_ano"
+log "ano chain done"
+timeout $(($(left) - 60)) python3 benchmarks/precision_pool.py "$DATA" --category "$CATEGORY" \
+    --setting ano --device "$DEVICE" --max-patches 200000 --pools 0 8 32 128 \
+    >"$RES/precision_pool.txt" 2>&1 &
+POOL=$!
+while kill -0 "$CHAIN_test" 2>/dev/null || kill -0 "$CHAIN_mix" 2>/dev/null; do
+    if [ "$(left)" -le 5 ]; then
+        log "deadline: chains still running"
+        break
+    fi
+    sleep 2
+done
+wait "$POOL"
+log "chains done, $(left) s left"
+bench() { # seconds, then knn.py arguments
+    local t=$1
+    shift
+    if [ "$(left)" -gt 20 ]; then
+        timeout $((t < $(left) - 5 ? t : $(left) - 5)) python3 benchmarks/knn.py --device "$DEVICE" "$@" \
+            >>"$RES/knn_cuda.txt" 2>&1
+        log "knn benchmark $* rc=$?"
+    fi
+}
+bench 90 --sizes 50000x1024x100 --backends torch torch-tf32 torch-bf16
+bench 100 --sizes 300000x1024x100 --backends torch torch-tf32
+bench 90 --sizes 50000x64x10 50000x1024x100 --backends torch keops --keops-limit 30
+log "done"
+kill $TAR 2>/dev/null
+pkill -f patchlab.cli 2>/dev/null
 tar czf "$OUT/results.tgz" -C "$RES" .

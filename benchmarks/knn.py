@@ -50,9 +50,14 @@ def run_backend(backend: str, n: int, d: int, k: int, device: str, limit: float)
     """Run one backend in this process; returns seconds, memory and the neighbour indices."""
     x = make_bank(n, d)
     # import every library first, so that "peak extra" counts the search's memory only
-    import faiss  # noqa: F401
+    # (faiss is absent on the GPU machine: there the peer is patchlab's own fp32 torch run)
+    import importlib.util
+
     import sklearn.neighbors  # noqa: F401
     import torch  # noqa: F401
+
+    if importlib.util.find_spec("faiss") is not None:
+        import faiss  # noqa: F401
 
     import patchlab.knn  # noqa: F401
 

@@ -28,12 +28,15 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precisions", nargs="+", default=["tf32", "bf16"])
     parser.add_argument("--pools", nargs="+", type=int, default=[0, 8, 32, 128])
+    parser.add_argument(
+        "--max-patches", type=int, default=None, help="use the first N patches of the bank"
+    )
     args = parser.parse_args()
 
     device = resolve_device(args.device)
     images = load_mvtec(args.data, args.category, args.setting)
     feats = extract_features(images, device=device, progress=False)
-    bank = feats.reshape(-1, feats.shape[-1]).to(device)
+    bank = feats.reshape(-1, feats.shape[-1])[: args.max_patches].to(device)
     print(f"{images.name}: {bank.shape[0]} patches x {bank.shape[1]}, k={args.k}, {device}")
 
     def timed(**kw):
