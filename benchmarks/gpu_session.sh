@@ -9,7 +9,7 @@
 # Everything lands in $OUT/results.tgz, refreshed every 15 s, so a timeout still returns work.
 # The magnetic tile data travels through a git-excluded link, shared_link -> ../shared, and
 # the pykeops sdists in .whl/: run with carry ["shared_link/data/magnetic_tile", ".whl"].
-# Per-setting CSVs are merged afterwards with benchmarks/merge_tables.py.
+# Per-setting CSVs are joined afterwards with patchlab.reproduce.combine (docs/results.md).
 set -u
 START=$(date +%s)
 BUDGET=${BUDGET:-510}

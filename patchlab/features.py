@@ -30,7 +30,7 @@ from patchlab.cache import atomic_save, cache_key, default_cache_dir
 from patchlab.data import ImageSet, preprocess, read_rgb
 
 FEATURE_DIM = 1024
-FEATURE_VERSION = 1  # bump whenever the features computed for the same settings change
+FEATURE_VERSION = 2  # bump whenever the features computed for the same settings change
 IMAGENET_FILE = Path(torchvision.models.Wide_ResNet50_2_Weights.IMAGENET1K_V1.url).name
 
 
@@ -193,15 +193,22 @@ def extract_features(
     batches = [images.paths[i : i + batch_size] for i in range(0, len(images), batch_size)]
     out = []
     bar = tqdm(total=len(images), desc=f"{kind} features", unit="img", disable=not progress)
-    with torch.inference_mode():
-        for batch in batches:
-            x = torch.stack([preprocess(read_rgb(p), resize, crop) for p in batch]).to(device)
-            layer2, layer3 = backbone_layers(model, x)
-            if kind == "patch":
-                out.append(aggregate(layer2, layer3).float().cpu())
-            else:
-                out.append(model.layer4(layer3).mean((2, 3)).float().cpu())
-            bar.update(len(batch))
+    # cuDNN convolves in TF32 by default on Ampere and later (features then differ from the
+    # CPU's by ~1e-2): float32 throughout, so cached features do not depend on the device
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        with torch.inference_mode():
+            for batch in batches:
+                x = torch.stack([preprocess(read_rgb(p), resize, crop) for p in batch]).to(device)
+                layer2, layer3 = backbone_layers(model, x)
+                if kind == "patch":
+                    out.append(aggregate(layer2, layer3).float().cpu())
+                else:
+                    out.append(model.layer4(layer3).mean((2, 3)).float().cpu())
+                bar.update(len(batch))
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
     bar.close()
     features = torch.cat(out)
     atomic_save(path, features=features.numpy())

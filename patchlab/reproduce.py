@@ -250,6 +250,35 @@ def _one_class_cell(data, category, row, base, progress) -> dict:
     return rescore(config, test, ScoringInputs(test_f, table), masks).metrics
 
 
+def combine(parts: list[str | Path], table: int, out: str | Path) -> Path:
+    """Join the ``table<N>.csv`` of several output folders (e.g. one per blind setting, run
+    side by side) into ``OUT/table<N>.csv`` and its markdown. A cell found twice is an error."""
+    settings = {(Path(p) / f"table{table}.json").read_text() for p in parts}
+    if len(settings) > 1:
+        raise ValueError(f"the folders {parts} hold tables computed with different settings")
+    rows, seen = [], set()
+    for part in parts:
+        path = Path(part) / f"table{table}.csv"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist; run `patchlab reproduce` there first")
+        with open(path, newline="") as f:
+            for record in csv.DictReader(f):
+                key = (record["category"], record["setting"], record["row"])
+                if key in seen:
+                    raise ValueError(f"cell {key} appears in more than one of {parts}")
+                seen.add(key)
+                rows.append(record)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path = out / f"table{table}.csv"
+    csv_path.unlink(missing_ok=True)
+    (out / f"table{table}.json").write_text(settings.pop())
+    for record in rows:
+        _append(csv_path, record)
+    (out / f"table{table}.md").write_text(markdown(csv_path, table, TABLES[table][0]) + "\n")
+    return out
+
+
 def _check_resume(path: Path, base: RunConfig) -> None:
     """Record the shared settings beside the CSV; refuse to resume a table made with others."""
     cell_fields = {"data", "category", "setting", "method", "k", "k_max", "coreset", "exclude"}

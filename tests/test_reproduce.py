@@ -96,3 +96,18 @@ def test_resume_on_a_category_folder_and_settings_guard(tiny_demo, tmp_path, mon
     monkeypatch.setattr(rep, "_blind_cell", lambda *a, **k: pytest.fail("recomputed"))
     assert main(args) == 0 and rows_of(tmp_path / "table5.csv") == first
     assert main(args + ["--seed", "3"]) == 2  # other weights: refuse to mix the tables
+
+
+def test_combine_joins_settings_run_apart(tiny_demo, tmp_path):
+    for setting in ("test", "ano"):
+        args = ["reproduce", str(tiny_demo), "--table", "7", "--settings", setting]
+        assert main([*args, "--out", str(tmp_path / setting), "--quiet"]) == 0
+    rep.combine([tmp_path / "test", tmp_path / "ano"], 7, tmp_path / "all")
+    joined = rows_of(tmp_path / "all" / "table7.csv")
+    assert joined == rows_of(tmp_path / "test" / "table7.csv") + rows_of(
+        tmp_path / "ano" / "table7.csv"
+    )
+    md = (tmp_path / "all" / "table7.md").read_text()
+    assert "test P-AUROC" in md and "ano P-AUROC" in md
+    with pytest.raises(ValueError, match="more than one"):
+        rep.combine([tmp_path / "test", tmp_path / "test"], 7, tmp_path / "twice")
