@@ -24,10 +24,16 @@ OUT = Path(__file__).resolve().parent / "img"
 
 
 def main() -> None:
-    data = make_demo_data(demo_path().parent / "demo_small", categories=["brick"], n_train=10,
-                          n_test_good=10, n_defective=12)
-    config = RunConfig(data=str(data), category="brick", setting="test", weights="none", k=10,
-                       k_max=50)
+    data = make_demo_data(
+        demo_path().parent / "demo_small",
+        categories=["brick"],
+        n_train=10,
+        n_test_good=10,
+        n_defective=12,
+    )
+    config = RunConfig(
+        data=str(data), category="brick", setting="test", weights="none", k=10, k_max=50
+    )
     result = run(config, progress=False)
 
     widget = ScoringWidget.from_result(result, n_show=8, pixel_metrics=True)
@@ -35,9 +41,11 @@ def main() -> None:
     m = widget.result.metrics
     fig = go.Figure(widget.figure)
     fig.update_layout(
-        title=f"ScoringWidget: brick / test, PatchCluster K={widget.k.value}, "
-        f"pixel AUROC {m['pixel_auroc']:.3f}, PRO {m['pro']:.3f} "
-        f"(re-scored in {widget.rescore_ms:.0f} ms; random weights)",
+        title=dict(
+            text=f"ScoringWidget: brick/test, PatchCluster K={widget.k.value}: pixel AUROC "
+            f"{m['pixel_auroc']:.3f}, PRO {m['pro']:.3f} (random weights)",
+            font=dict(size=15),
+        ),
         margin=dict(t=70),
     )
     print(viz.export_png(fig, OUT / "scoring_widget.png", height=560))
@@ -47,8 +55,14 @@ def main() -> None:
     crops = go.Figure(explorer.crops_figure)
     print(viz.export_png(crops, OUT / "neighbour_crops.png"))
     umap = go.Figure(explorer.umap_figure)
-    umap.update_layout(title="NeighbourExplorer: UMAP of the bank; star = the anomalous patch, "
-                       "red = its K neighbours")
+    umap.update_layout(
+        title=dict(
+            text="NeighbourExplorer: UMAP of the bank, the anomalous patch (star) and "
+            "its K neighbours",
+            font=dict(size=14),
+        ),
+        width=820,
+    )
     print(viz.export_png(umap, OUT / "neighbours_umap.png"))
 
 

@@ -143,8 +143,9 @@ features = extract_features(images, **feature_options(config, progress=True))
 t1 = time.perf_counter()
 again = extract_features(images, **feature_options(config))
 t2 = time.perf_counter()
-print(f"features {tuple(features.shape)}: first call {t1 - t0:.2f} s, second {t2 - t1:.3f} s "
-      f"(from the cache), identical: {bool(torch.equal(features, again))}")
+print(f"features {tuple(features.shape)}: first call {t1 - t0:.2f} s (computed, unless an "
+      f"earlier run cached them), second {t2 - t1:.3f} s (from the cache), "
+      f"identical: {bool(torch.equal(features, again))}")
 print(f"memory bank: {features.shape[0] * 28 * 28} patches x {features.shape[-1]} dims = "
       f"{features.numel() * 4 / 2**20:.0f} MiB")"""),
 ]

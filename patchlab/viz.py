@@ -224,7 +224,7 @@ def neighbour_crops_figure(
     crops: Sequence[np.ndarray],
     distances: Sequence[float],
     title: str = "",
-    cols: int = 10,
+    cols: int = 13,
 ) -> go.Figure:
     """A query patch crop followed by the crops of its K nearest neighbours.
 
@@ -235,6 +235,7 @@ def neighbour_crops_figure(
     distances : K floats, ||f - m|| of each neighbour
     """
     n = len(crops) + 1
+    cols = min(cols, n)
     rows = -(-n // cols)
     names = ["query"] + [f"{d:.2f}" for d in distances]
     fig = make_subplots(
@@ -306,9 +307,9 @@ def umap_figure(
         marker = styles.get(
             name,
             dict(
-                size=8 if "query" not in name else 16,
+                size=16 if name == "query" else 8,
                 color=palette[j % len(palette)],
-                symbol="star" if "query" in name else "circle",
+                symbol="star" if name == "query" else "circle",
             ),
         )
         fig.add_trace(
@@ -428,6 +429,7 @@ def _mask_trace(mask: np.ndarray, stride: int) -> go.Contour:
         line=dict(color="cyan", width=1.5),
         hoverinfo="skip",
         name="defect mask",
+        showlegend=False,
     )
 
 

@@ -403,17 +403,19 @@ class NeighbourExplorer(_Displays):
         return out
 
     def _umap(self) -> go.Figure:
-        labels = self.result.images.labels
+        masks = self.result.masks
         groups, hover = [], []
         for r in self.rows:
-            i = self.position(r)[0]
-            groups.append("bank (defective image)" if labels[i] == 1 else "bank (good image)")
+            i, gr, gc = self.position(r)
+            centre = masks[i, gr * viz.PATCH + viz.PATCH // 2, gc * viz.PATCH + viz.PATCH // 2]
+            groups.append("bank: patch inside a defect" if centre else "bank: normal patch")
             hover.append(self.describe(r))
         groups_all = [*groups, "neighbours of the query", "query"]
         emb = np.concatenate([self.embedding, np.zeros((2, 2), np.float32)])
         fig = viz.umap_figure(emb, groups_all, [*hover, "", ""], [*self.rows, -1, -1])
-        fig.data[0].marker.update(size=4, color="lightgrey")
-        fig.data[1].marker.update(size=4, color="#f4a6a6")
+        for trace in fig.data[:-2]:
+            inside = "defect" in trace.name
+            trace.marker.update(size=5 if inside else 4, color="#e377c2" if inside else "#bbbbbb")
         return fig
 
     def _show_image(self, i: int) -> None:
