@@ -6,3 +6,12 @@ The pipeline, one module per step::
 """
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # lazy: ``import patchlab`` must not import ipywidgets or plotly
+    if name == "explore":
+        from patchlab.widgets import explore
+
+        return explore
+    raise AttributeError(f"module 'patchlab' has no attribute {name!r}")

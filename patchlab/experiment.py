@@ -127,11 +127,14 @@ def rescore(
     inputs: ScoringInputs,
     masks: np.ndarray,
     progress: bool = False,
+    pixel_metrics: bool = True,
 ) -> Result:
     """Scores, maps, image scores and metrics from prepared inputs (no feature or kNN work).
 
     Eq. 3 image scores need the neighbour table; methods without one use the plain maximum,
-    and ``metrics["image_score"]`` says which rule was used.
+    and ``metrics["image_score"]`` says which rule was used. ``pixel_metrics=False`` skips
+    pixel AUROC and PRO (they sort every pixel of the set, the slowest part of a re-score;
+    they are None then) and keeps the image AUROC: what an interactive widget needs.
     """
     t0 = time.perf_counter()
     n, h, w, _ = inputs.features.shape
@@ -150,8 +153,10 @@ def rescore(
     scores = image_scores(patch, inputs.neighbours, rule, config.b)
     t1 = time.perf_counter()
     metrics: dict = {"image_auroc": None, "pixel_auroc": None, "pro": None}
-    if images.has_labels:
+    if images.has_labels and pixel_metrics:
         metrics = evaluate(images.labels, scores, masks, maps)
+    elif images.has_labels:
+        metrics["image_auroc"] = evaluate_images(images.labels, scores)
     if rule == "eq3" and images.has_labels:
         # Eq. 3's weight 1 - exp(a*) / sum exp(d) turns negative when a* exceeds
         # d_1 + ln(b) (PatchCluster's a* is a mean of K distances): report the plain-max

@@ -230,3 +230,39 @@ def feature_key(images: ImageSet, **settings) -> str:
         **settings,
     }
     return cache_key(record)
+
+
+def receptive_field(
+    model: torch.nn.Module, x: torch.Tensor, row: int, col: int
+) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """What one patch feature "sees": the gradient of its norm with respect to the input pixels.
+
+    The effective receptive field of patch (row, col) is |d ||f(row, col)|| / d x|, summed over
+    the colour channels; the pixels where it is non-zero form the theoretical receptive field
+    (every pixel the convolutions reach, cut at the image border).
+
+    Parameters
+    ----------
+    model : the backbone of :func:`build_backbone`
+    x : torch.Tensor, shape (3, S, S)
+        One preprocessed image.
+    row, col : int
+        The patch position on the (S / 8, S / 8) feature grid.
+
+    Returns
+    -------
+    weight : np.ndarray, shape (S, S), float32
+        The gradient magnitude, scaled to a maximum of 1.
+    box : (top, left, bottom, right)
+        The bounding box of the non-zero gradient, in pixels (bottom, right exclusive).
+    """
+    inp = x[None].clone().requires_grad_(True)
+    with torch.enable_grad():
+        feature = aggregate(*backbone_layers(model, inp))[0, row, col]
+        feature.norm().backward()
+    weight = inp.grad[0].abs().sum(0)
+    rows = torch.nonzero(weight.sum(1)).flatten()
+    cols = torch.nonzero(weight.sum(0)).flatten()
+    box = (int(rows.min()), int(cols.min()), int(rows.max()) + 1, int(cols.max()) + 1)
+    weight = (weight / weight.max().clamp_min(1e-30)).float().numpy()
+    return weight, box

@@ -12,7 +12,15 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-__all__ = ["evaluate", "image_auroc", "pixel_auroc", "pro_curve", "pro_score"]
+__all__ = [
+    "evaluate",
+    "image_auroc",
+    "pixel_auroc",
+    "pixel_roc_curve",
+    "pro_curve",
+    "pro_score",
+    "roc_curve",
+]
 
 # 8-connectivity inside each image and none across images, so the (n, H, W) stack of masks is
 # labelled in one call and every region gets a set-wide unique id.
@@ -68,13 +76,19 @@ def _trapezoid(x: np.ndarray, y: np.ndarray) -> float:
     return float(np.sum(np.diff(x) * (y[1:] + y[:-1])) / 2.0)
 
 
-def _roc_area(tp: np.ndarray, fp: np.ndarray) -> float | None:
-    """ROC AUC from the counts TP(t), FP(t) above each distinct threshold t, highest t first."""
+def _roc_points(tp: np.ndarray, fp: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """ROC curve (fpr, tpr) from the counts TP(t), FP(t) above each distinct t, highest first."""
     if tp[-1] == 0 or fp[-1] == 0:  # a single class: ROC undefined
         return None
     tpr = np.concatenate(([0.0], tp / tp[-1]))  # ROC curve from (0, 0) to (1, 1)
     fpr = np.concatenate(([0.0], fp / fp[-1]))
-    return _trapezoid(fpr, tpr)
+    return fpr, tpr
+
+
+def _roc_area(tp: np.ndarray, fp: np.ndarray) -> float | None:
+    """ROC AUC from the counts TP(t), FP(t) above each distinct threshold t, highest t first."""
+    points = _roc_points(tp, fp)
+    return None if points is None else _trapezoid(*points)
 
 
 def image_auroc(labels: np.ndarray, scores: np.ndarray) -> float | None:
@@ -107,6 +121,59 @@ def image_auroc(labels: np.ndarray, scores: np.ndarray) -> float | None:
     order, ends = _descending(scores)
     tp = np.cumsum(labels[order] == 1)[ends]  # TP(t) = #{defective, score >= t}
     return _roc_area(tp, ends + 1 - tp)  # FP(t) = #{score >= t} - TP(t)
+
+
+def roc_curve(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Image-level ROC curve: the points whose trapezoid area is :func:`image_auroc`.
+
+    Parameters
+    ----------
+    labels, scores : ndarray of shape (n,)
+        As in :func:`image_auroc`.
+
+    Returns
+    -------
+    fpr, tpr : ndarray of shape (m + 1,), float64
+        From (0, 0), one point per distinct score (m of them) from the highest down, to (1, 1).
+
+    Raises
+    ------
+    ValueError
+        On bad input, or when only one class is present.
+    """
+    labels, scores = np.asarray(labels), np.asarray(scores, dtype=np.float64)
+    image_auroc(labels, scores)  # validates
+    order, ends = _descending(scores)
+    tp = np.cumsum(labels[order] == 1)[ends]
+    points = _roc_points(tp, ends + 1 - tp)
+    if points is None:
+        raise ValueError("ROC is undefined: the labels hold a single class")
+    return points
+
+
+def pixel_roc_curve(masks: np.ndarray, maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel-level ROC curve: the points whose trapezoid area is :func:`pixel_auroc`.
+
+    Parameters
+    ----------
+    masks, maps : ndarray of shape (n, H, W)
+        As in :func:`pixel_auroc`.
+
+    Returns
+    -------
+    fpr, tpr : ndarray of shape (m + 1,), float64
+        From (0, 0), one point per distinct pixel score (m of them), to (1, 1).
+
+    Raises
+    ------
+    ValueError
+        On bad input, or when the set has no defective or no normal pixel.
+    """
+    fp, tp, _ = _sweep(*_check_pixels(masks, maps), with_pro=False)
+    points = _roc_points(tp, fp)
+    if points is None:
+        raise ValueError("pixel ROC is undefined: no defective or no normal pixel")
+    return points
 
 
 def _sweep(

@@ -1,0 +1,488 @@
+"""Write the five teaching notebooks (without outputs) from the cells below.
+
+    python notebooks/make_notebooks.py      # rewrites notebooks/0*.ipynb
+
+The notebooks stay thin: the logic lives in patchlab (viz.py, widgets.py and the core); a cell
+calls, shows and explains. Edit the cells here, not the .ipynb files, and run the script again.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nbformat
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+HERE = Path(__file__).resolve().parent
+
+SETUP = '''\
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import plotly.io as pio
+
+from patchlab.config import RunConfig
+from patchlab.demo import demo_path, make_demo_data
+
+pio.renderers.default = "plotly_mimetype+notebook"
+
+# The data. This is the only cell to change for MVTec AD with ImageNet weights, e.g.
+#   DATA, CATEGORY, WEIGHTS = Path("../data/mvtec_ad"), "bottle", "imagenet"
+DATA, CATEGORY, WEIGHTS = None, "brick", "none"
+if DATA is None:  # the offline demo: one small category (10 train, 10 good, 12 defective)
+    DATA = make_demo_data(demo_path().parent / "demo_small", categories=[CATEGORY],
+                          n_train=10, n_test_good=10, n_defective=12)
+config = RunConfig(data=str(DATA), category=CATEGORY, setting="test", weights=WEIGHTS,
+                   k=10, k_max=50)
+print(config)'''
+
+RANDOM_NOTE = (
+    "> **Random weights.** With `WEIGHTS = \"none\"` the backbone is a *seeded random* "
+    "WideResNet-50-2 (ImageNet weights cannot be downloaded where these notebooks are tested). "
+    "Every number below shows the pipeline working, not the paper's results; change the setup "
+    "cell to `\"imagenet\"` for those."
+)
+
+
+def notebook(cells: list[tuple[str, str]]) -> nbformat.NotebookNode:
+    nb = new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
+                                 "language": "python"}
+    nb.metadata["language_info"] = {"name": "python"}
+    for kind, text in cells:
+        nb.cells.append(new_markdown_cell(text) if kind == "md" else new_code_cell(text))
+    return nb
+
+
+FEATURES = [
+    ("md", """\
+# 1. Features: what the memory bank is made of
+
+PatchCluster scores every 8 × 8-pixel patch of every image by comparing its *feature* with the
+features of all other patches of the set. This notebook builds those features step by step:
+
+1. the backbone, a WideResNet-50-2, and its `layer2` (512 × 28 × 28) and `layer3`
+   (1024 × 14 × 14) outputs for a 224 × 224 input;
+2. **locally aware aggregation**: every position is averaged with its 3 × 3 neighbourhood,
+   $\\;\\phi_l(h, w) \\leftarrow \\frac{1}{9}\\sum_{|a|, |b| \\le 1} \\phi_l(h + a, w + b)$;
+   `layer3` is upsampled bilinearly to 28 × 28, both are concatenated (1536 channels) and
+   average-pooled along the channels to $d = 1024$;
+3. what one patch feature "sees": its receptive field, drawn on the image;
+4. the feature cache, which every later notebook reads.
+
+The memory bank is then every patch feature of every image of the set $\\mathcal{S}$ (Eq. 1):
+$\\mathcal{M} = \\{ f_i(h, w) \\},\\ i = 1..n,\\ h, w = 1..28$."""),
+    ("md", RANDOM_NOTE),
+    ("code", SETUP),
+    ("code", """\
+import torch
+
+from patchlab.data import load_display, load_mvtec, preprocess, read_rgb
+from patchlab.features import aggregate, backbone_layers, build_backbone
+
+images = load_mvtec(config.data, config.category, config.setting)
+print(images.name, len(images), "images,", int(images.labels.sum()), "defective")
+i = int(np.flatnonzero(images.labels == 1)[0])  # a defective image
+picture = load_display(images.paths[i])          # (224, 224, 3): what the network sees
+x = preprocess(read_rgb(images.paths[i]))          # (3, 224, 224), ImageNet-normalised
+model = build_backbone(config.weights, config.seed)
+with torch.inference_mode():
+    layer2, layer3 = backbone_layers(model, x[None])
+    patches = aggregate(layer2, layer3)
+print("layer2", tuple(layer2.shape), " layer3", tuple(layer3.shape),
+      " patch features", tuple(patches.shape))"""),
+    ("md", """\
+## The two layers and the aggregated feature
+
+Below: the mean absolute activation of each layer, and the norm $\\|f(h, w)\\|$ of the final
+1024-d feature. `layer2` keeps finer detail (28 × 28); `layer3` is coarser (14 × 14) but more
+semantic. With random weights `layer3`'s activations are several times larger than
+`layer2`'s, so the pooled feature is dominated by `layer3`: that is the paper's pipeline as
+defined, worth knowing when reading the maps."""),
+    ("code", """\
+from patchlab import viz
+
+maps = {
+    "layer2 mean |a| (28×28)": layer2[0].abs().mean(0).numpy(),
+    "layer3 mean |a| (14×14)": layer3[0].abs().mean(0).numpy(),
+    "‖f(h, w)‖ (28×28, d=1024)": patches[0].norm(dim=-1).numpy(),
+}
+viz.layer_maps_figure(picture, maps).show()
+print("layer3 / layer2 mean |activation|:",
+      round(float(layer3.abs().mean() / layer2.abs().mean()), 2))"""),
+    ("md", """\
+## What one patch feature sees
+
+A feature sits on an 8 × 8-pixel patch (green), but the convolutions reach much further. The
+**theoretical receptive field** (cyan box) is every pixel the feature depends on; the
+**effective receptive field** (heat) is how strongly it depends on each:
+$\\;\\big|\\partial \\|f(h, w)\\| / \\partial x\\big|$, summed over colours. Most of the weight
+lies close to the patch, so neighbouring features overlap heavily: a reason why a patch's
+nearest neighbour is often a patch of the same image."""),
+    ("code", """\
+from patchlab.features import receptive_field
+
+row, col = 14, 14
+weight, box = receptive_field(model, x, row, col)
+viz.receptive_field_figure(picture, weight, box, row, col).show()"""),
+    ("md", """\
+## The feature cache
+
+`extract_features` stores the (n, 28, 28, 1024) features on disk (`$PATCHLAB_CACHE`, default
+`~/.cache/patchlab`), keyed by the image files (path, size, modification time) and every
+setting that changes them (weights, seed, resize, crop). The second call reads the file; the
+later notebooks start from it."""),
+    ("code", """\
+from patchlab.experiment import feature_options
+from patchlab.features import extract_features
+
+t0 = time.perf_counter()
+features = extract_features(images, **feature_options(config, progress=True))
+t1 = time.perf_counter()
+again = extract_features(images, **feature_options(config))
+t2 = time.perf_counter()
+print(f"features {tuple(features.shape)}: first call {t1 - t0:.2f} s (computed, unless an "
+      f"earlier run cached them), second {t2 - t1:.3f} s (from the cache), "
+      f"identical: {bool(torch.equal(features, again))}")
+print(f"memory bank: {features.shape[0] * 28 * 28} patches x {features.shape[-1]} dims = "
+      f"{features.numel() * 4 / 2**20:.0f} MiB")"""),
+]
+
+CORESET = [
+    ("md", """\
+# 2. The greedy coreset: a smaller memory bank
+
+With every patch of every image the bank $\\mathcal{M}$ is large (MVTec AD: up to hundreds of
+thousands of patches). PatchCore keeps a **coreset** $\\mathcal{C} \\subset \\mathcal{M}$ chosen
+by the approximate greedy k-centre search: project the features to 128 dimensions with a random
+matrix $P$, then repeatedly add the patch farthest from everything picked so far,
+
+$$c_{t+1} = \\arg\\max_{f \\in \\mathcal{M}} \\min_{c \\in \\mathcal{C}_t} \\|P f - P c\\|.$$
+
+The **coverage radius** $r(\\mathcal{C}) = \\max_{f \\in \\mathcal{M}} \\min_{c \\in
+\\mathcal{C}} \\|f - c\\|$ (in the full 1024 dimensions) says how far any patch is from its
+nearest coreset member. PatchCluster with a coreset scores with Eq. 2 against $\\mathcal{C}$
+(the paper: K = 5, 10, 25 for 1 %, 10 %, 25 %)."""),
+    ("md", RANDOM_NOTE),
+    ("code", SETUP),
+    ("code", """\
+import torch
+
+from patchlab.coreset import greedy_coreset
+from patchlab.data import load_display, load_mvtec
+from patchlab.experiment import feature_options
+from patchlab.features import extract_features
+from patchlab.knn import knn
+
+images = load_mvtec(config.data, config.category, config.setting)
+features = extract_features(images, **feature_options(config))  # from notebook 1's cache
+n, h, w, d = features.shape
+bank = features.reshape(n * h * w, d)
+t0 = time.perf_counter()
+rows = greedy_coreset(bank, 0.10, seed=config.seed, progress=False)  # picks, in order
+print(f"greedy coreset: {len(rows)} of {len(bank)} patches in {time.perf_counter() - t0:.1f} s")"""),
+    ("md", """\
+## Coverage radius against the ratio
+
+Greedy picks come in a fixed order, so the 1 % coreset is the first 1 % of the 10 % one: one
+run gives every ratio. The radius is measured with the one exact kNN of patchlab
+(`patchlab.knn.knn`, K = 1, every patch against the coreset)."""),
+    ("code", """\
+from patchlab import viz
+
+ratios = [0.002, 0.005, 0.01, 0.02, 0.05, 0.10]
+radii = []
+for ratio in ratios:
+    m = max(1, int(len(bank) * ratio))
+    nearest = knn(bank, 1, bank[rows[:m]], exclude="none", progress=False)
+    radii.append(float(nearest.distances.max()))
+print({r: round(x, 2) for r, x in zip(ratios, radii)})
+viz.coverage_figure(ratios, radii).show()"""),
+    ("md", """\
+## Which patches are picked
+
+The greedy search picks outliers first: patches unlike anything picked so far. In a set that
+mixes normal and defective images, **defects are picked early** (they are far from everything);
+the rest of the picks spread over the normal texture. The outline of each picked patch is drawn
+on its image (1 % coreset)."""),
+    ("code", """\
+m = int(len(bank) * 0.01)
+picked = rows[:m].numpy()
+good = np.flatnonzero(images.labels == 0)[:2]
+bad = np.flatnonzero(images.labels == 1)[:2]
+shown = [*good, *bad]
+pictures = [load_display(images.paths[i]) for i in shown]
+picks = []
+for i in shown:
+    own = picked[picked // (h * w) == i] % (h * w)
+    picks.append(np.stack([own // w, own % w], 1))
+titles = [f"{'defect' if images.labels[i] else 'good'}: {len(p)} picks" for i, p in
+          zip(shown, picks)]
+viz.coreset_picks_figure(pictures, picks, titles).show()
+per_image = np.bincount(picked // (h * w), minlength=n)
+print("picks per good image:", per_image[images.labels == 0].mean().round(1),
+      " per defective image:", per_image[images.labels == 1].mean().round(1))"""),
+    ("md", """\
+## Time and memory against the full bank
+
+The kNN cost grows with the bank: the same 2048 query patches against the full bank and
+against the 10 % and 1 % coresets. Then the whole run (`patchlab.experiment.run`) with each
+bank: the metrics show what the smaller bank costs in accuracy. (The full bank's neighbour
+table computed here is cached and read by notebooks 3-5.)"""),
+    ("code", """\
+from IPython.display import Markdown, display
+
+from patchlab.experiment import run
+
+queries = bank[torch.randperm(len(bank), generator=torch.Generator().manual_seed(0))[:2048]]
+lines = ["| bank | patches | memory | kNN of 2048 queries (K = 10) | pixel AUROC | PRO |",
+         "|---|---|---|---|---|---|"]
+for ratio, k in [(1.0, 10), (0.10, 10), (0.01, 5)]:
+    members = bank if ratio == 1 else bank[rows[: int(len(bank) * ratio)]]
+    t0 = time.perf_counter()
+    knn(queries, 10, members, exclude="none", progress=False)
+    seconds = time.perf_counter() - t0
+    result = run(replace(config, coreset=ratio, k=k), progress=False)
+    lines.append(f"| {ratio:.0%} | {len(members)} | {members.numel() * 4 / 2**20:.1f} MiB | "
+                 f"{seconds * 1e3:.0f} ms | {result.metrics['pixel_auroc']:.3f} | "
+                 f"{result.metrics['pro']:.3f} |")
+display(Markdown("\\n".join(lines)))"""),
+]
+
+NEIGHBOURS = [
+    ("md", """\
+# 3. Neighbours: why the mean of K distances finds defects (the paper's Fig. 5)
+
+In blind anomaly detection the memory bank holds the defective patches too, so a defective
+patch may find a close neighbour (often an overlapping patch of its own image) and the
+nearest-neighbour distance of PatchCore misses it. PatchCluster scores a patch feature $f$ by
+the **mean distance to its K nearest neighbours** in the bank, the feature itself excluded
+(Eq. 2):
+
+$$s(f) = \\frac{1}{K} \\sum_{m \\in \\mathcal{N}_K(f)} \\|f - m\\|_2 .$$
+
+Normal patches are common: their K neighbours form a dense cluster and are all close.
+Defects are rare and varied: a few neighbours may be close, most are far. Below, a normal and
+an anomalous patch (the dropdown, or click any patch of the image), their K nearest
+neighbours as image crops with their distances, and a 2-D UMAP of the bank (hover a point to
+see its crop and its source image). Everything reads the stored neighbour table: no kNN runs
+when you pick a patch."""),
+    ("md", RANDOM_NOTE),
+    ("code", SETUP),
+    ("code", """\
+from patchlab.experiment import run
+
+result = run(config, progress=True)  # features and the neighbour table come from the cache
+print({k: result.metrics[k] for k in ("image_auroc", "pixel_auroc", "pro", "n_patches")})"""),
+    ("code", """\
+from patchlab.widgets import NeighbourExplorer
+
+explorer = NeighbourExplorer(result, k=config.k, n_background=1500)
+explorer"""),
+    ("md", """\
+## The two patches, side by side
+
+The same comparison without widgets (e.g. for a report): the crops of each patch's K
+neighbours with their distances, and the numbers behind Fig. 5: the anomalous patch's
+neighbours are farther, so its mean distance $s(f)$ is larger."""),
+    ("code", """\
+from patchlab import viz
+
+for name, row in explorer.queries.items():
+    idx, dist = explorer.neighbours(row)
+    fig = viz.neighbour_crops_figure(explorer.patch_crop(row),
+                                     [explorer.patch_crop(j) for j in idx], dist,
+                                     f"{name}: {explorer.describe(row)}")
+    fig.show()
+    own = sum(explorer.position(j)[0] == explorer.position(row)[0] for j in idx)
+    print(f"{name}: nearest {dist[0]:.3f}, mean of K={len(dist)} (Eq. 2) {dist.mean():.3f}, "
+          f"{own} of {len(idx)} neighbours from its own image")"""),
+    ("code", """\
+explorer.select(explorer.queries["anomalous patch"])
+explorer.umap_figure.show()"""),
+]
+
+SCORING = [
+    ("md", """\
+# 4. Scoring: K, the method and the setting, with widgets
+
+From the neighbour table (every patch against the bank, computed once for
+$k_{max}$ = 50), every score is a cheap slice:
+
+* **PatchCluster** (Eq. 2): $s(f) = \\frac{1}{K}\\sum_{m \\in \\mathcal{N}_K(f)} \\|f - m\\|$;
+  K = 1 is PatchCore;
+* **anomaly map**: the 28 × 28 grid of $s$, upsampled bilinearly to 224 × 224, blurred with a
+  Gaussian of σ = 4;
+* **image score** (Eq. 3): with $a^*$ the map's maximum at patch $f^*$ and $\\mathcal{N}(f^*)$
+  its $b = 9$ nearest bank features,
+  $a = \\Big(1 - \\frac{\\exp(a^*)}{\\sum_{f \\in \\mathcal{N}(f^*)} \\exp \\|f^* - f\\|}\\Big)
+  \\cdot a^*$, or simply $a^*$ (`max`). With PatchCluster and large distances the Eq. 3 weight
+  can turn negative (see the README): compare both.
+
+The widget below shows the most anomalous images first (cyan: the true defect outline). Moving
+**K** or changing the **method** re-scores from the stored table (`patchlab.experiment.rescore`,
+no kNN). A new **setting** (mix = train + test, test, ano = defective only) or **category**
+needs new features and a new table: they are computed on first use (with a progress bar) and
+kept. Tick *pixel AUROC and PRO* to see the localisation metrics (they sort every pixel of the
+set, so each update takes longer)."""),
+    ("md", RANDOM_NOTE),
+    ("code", SETUP),
+    ("code", """\
+from patchlab.experiment import run
+from patchlab.widgets import ScoringWidget
+
+result = run(config, progress=True)
+widget = ScoringWidget.from_result(result, n_show=8)
+widget"""),
+    ("md", """\
+## How fast is a re-score?
+
+The widget's callback is one `rescore` call on the stored table (scores, maps, image scores,
+image AUROC) plus the figure update. Measured here for every K of a sweep, and the `rescore`
+call alone with `timeit`; the target is below 100 ms for a demo category."""),
+    ("code", """\
+import timeit
+
+from patchlab.experiment import rescore
+
+for k in (1, 2, 5, 10, 25, 50):
+    widget.k.value = k  # the same as moving the slider
+    print(f"K={k:>2}: re-score {widget.rescore_ms:5.1f} ms, with the figure "
+          f"{widget.update_ms:5.1f} ms, image AUROC {widget.result.metrics['image_auroc']:.3f}")
+args = (replace(config, k=25), result.images, result.inputs, result.masks)
+best = min(timeit.repeat(lambda: rescore(*args, pixel_metrics=False), number=1, repeat=7))
+print(f"rescore alone, best of 7: {best * 1e3:.1f} ms for {len(result.images)} images "
+      f"({'under' if best < 0.1 else 'OVER'} the 100 ms target)")"""),
+    ("md", """\
+The widget's figure equals a direct call of the scoring function: the maps it shows are
+`rescore(...).maps` of the images with the highest `image_scores` (the tests check this for
+every control)."""),
+    ("code", """\
+direct = rescore(replace(config, k=widget.k.value, method=widget.method.value), result.images,
+                 result.inputs, result.masks)
+order = np.argsort(-direct.image_scores, kind="stable")[: widget.n_show]
+heat = widget.figure.data[1].z
+print("same order:", bool((order == widget.shown).all()),
+      " same map:", bool(np.array_equal(heat, direct.maps[order[0]][::2, ::2])))"""),
+    ("md", """\
+## One line for any run
+
+`patchlab.explore(result)` opens the same widget on any run's result (`run(config)` from
+Python, or the arrays of a `patchlab run`'s cache)."""),
+    ("code", """\
+import patchlab
+
+patchlab.explore(result, n_show=4)"""),
+]
+
+EVALUATION = [
+    ("md", """\
+# 5. Evaluation: ROC and PRO curves, methods and settings, a K sweep
+
+The MVTec AD protocol, as `patchlab.metrics` computes it:
+
+* **image AUROC**: area under the ROC curve of the image scores, defective vs good;
+* **pixel AUROC**: the same over every pixel of every image of the set (masks binarised);
+* **PRO**: regions are the 8-connected components of the masks; at a threshold $t$,
+  $\\mathrm{FPR}(t) = \\frac{\\#\\{\\text{normal pixels} \\ge t\\}}{\\#\\{\\text{normal pixels}\\}}$
+  and $\\mathrm{PRO}(t) = \\frac{1}{R}\\sum_r \\frac{|r \\cap \\{s \\ge t\\}|}{|r|}$; the score is
+  $\\frac{1}{0.3}\\int_0^{0.3} \\mathrm{PRO}\\, d\\mathrm{FPR}$.
+
+Settings are *blind*: nobody tells the method which image is normal. Mix = train + test,
+Test = test, Ano = defective images only (no image AUROC there: every image is defective)."""),
+    ("md", RANDOM_NOTE),
+    ("code", SETUP),
+    ("code", """\
+from patchlab.experiment import prepare, rescore
+from patchlab.metrics import pixel_roc_curve, pro_curve, roc_curve
+
+images, inputs, masks, _ = prepare(config, progress=True)  # cached features and table
+methods = {"PatchCluster K=10": replace(config, method="patchcluster", k=10),
+           "PatchCore": replace(config, method="patchcore"),
+           "PatchCore + LOF": replace(config, method="patchcore_lof", k=50),
+           "PaDiM": replace(config, method="padim")}
+results = {name: rescore(c, images, inputs, masks) for name, c in methods.items()}"""),
+    ("code", """\
+from patchlab import viz
+
+image_roc = {n: roc_curve(images.labels, r.image_scores) for n, r in results.items()}
+pixel_roc = {n: pixel_roc_curve(r.masks, r.maps) for n, r in results.items()}
+pro = {n: pro_curve(r.masks, r.maps) for n, r in results.items()}
+figures = {
+    "image_roc": viz.roc_figure(image_roc, "image ROC (Test setting)"),
+    "pixel_roc": viz.roc_figure(pixel_roc, "pixel ROC (Test setting)", level="pixel"),
+    "pro": viz.pro_figure(pro, title="PRO up to FPR 0.3 (Test setting)"),
+}
+for fig in figures.values():
+    fig.show()"""),
+    ("md", """\
+## The metrics per method and setting
+
+One `prepare` per setting (features and table, cached), then one `rescore` per method."""),
+    ("code", """\
+from IPython.display import Markdown, display
+
+
+def fmt(v):
+    return "n/a" if v is None else f"{v:.3f}"
+
+
+lines = ["| setting | method | image AUROC | image AUROC (max) | pixel AUROC | PRO |",
+         "|---|---|---|---|---|---|"]
+for setting in ("test", "ano", "mix"):
+    prepared = prepare(replace(config, setting=setting), progress=False)[:3]
+    for name, c in methods.items():
+        m = rescore(replace(c, setting=setting), *prepared).metrics
+        lines.append(f"| {setting} | {name} | {fmt(m['image_auroc'])} | "
+                     f"{fmt(m.get('image_auroc_max'))} | {fmt(m['pixel_auroc'])} | "
+                     f"{fmt(m['pro'])} |")
+display(Markdown("\\n".join(lines)))"""),
+    ("md", """\
+## A K sweep (the paper's Table 5, as a plot)
+
+PatchCluster with K from 1 (= PatchCore) to $k_{max}$, all from the one stored table. The paper
+finds PatchCluster stable over a wide range of K and sets K near the number of images."""),
+    ("code", """\
+ks = [1, 2, 5, 10, 25, 50]
+sweep = {"image AUROC (Eq. 3)": [], "image AUROC (max)": [], "pixel AUROC": [], "PRO": []}
+for k in ks:
+    m = rescore(replace(config, k=k), images, inputs, masks).metrics
+    for key, name in [("image_auroc", "image AUROC (Eq. 3)"),
+                      ("image_auroc_max", "image AUROC (max)"),
+                      ("pixel_auroc", "pixel AUROC"), ("pro", "PRO")]:
+        sweep[name].append(m[key])
+figures["k_sweep"] = viz.k_sweep_figure(ks, sweep, "PatchCluster: K sweep (Test setting)")
+figures["k_sweep"].show()"""),
+    ("md", """\
+## Static images for a report
+
+`patchlab.viz.export_png` writes any figure as a PNG, offline (kaleido 0.2.x with the plotly.js
+that ships inside plotly)."""),
+    ("code", """\
+out = Path("figures")
+for name, fig in figures.items():
+    path = viz.export_png(fig, out / f"{name}.png")
+    print(path, path.stat().st_size, "bytes")"""),
+]
+
+NOTEBOOKS = {
+    "01_features.ipynb": FEATURES,
+    "02_coreset.ipynb": CORESET,
+    "03_neighbours.ipynb": NEIGHBOURS,
+    "04_scoring.ipynb": SCORING,
+    "05_evaluation.ipynb": EVALUATION,
+}
+
+
+def main() -> None:
+    for name, cells in NOTEBOOKS.items():
+        nb = notebook(cells)
+        nbformat.validate(nb)
+        nbformat.write(nb, HERE / name)
+        print("wrote", HERE / name)
+
+
+if __name__ == "__main__":
+    main()
