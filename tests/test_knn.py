@@ -173,3 +173,20 @@ def test_non_finite_features_and_integer_k(clustered):
     assert nb.k == 3
     with pytest.raises(ValueError, match="pass query_ids / query_groups only"):
         knn(clustered, 3, bank_ids=torch.arange(900), progress=False)
+
+
+def test_keops_agrees_with_torch_on_real_features(tiny_demo):
+    """Backbone features of demo images (heavy-tailed, many near-duplicate neighbours)."""
+    pytest.importorskip("pykeops")
+    from patchlab.data import load_mvtec
+    from patchlab.features import extract_features
+
+    feats = extract_features(load_mvtec(tiny_demo, "brick", "ano"), progress=False)
+    bank = feats.reshape(-1, feats.shape[-1])[:1500]
+    groups = torch.arange(len(bank)) // 784
+    for exclude in ("self", "image"):
+        kw = dict(exclude=exclude, query_groups=groups, progress=False)
+        a = knn(bank, 9, **kw)
+        b = knn(bank, 9, backend="keops", **kw)
+        torch.testing.assert_close(a.distances, b.distances, rtol=1e-4, atol=1e-3)
+        assert (a.indices == b.indices).float().mean() > 0.99
