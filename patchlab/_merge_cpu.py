@@ -34,10 +34,10 @@ import torch
 from numba import config, get_num_threads, njit, prange, set_num_threads
 
 CHUNK = 64  # entries compared at once (a vectorised minimum) ...
+SUB = 16  # ... then in sub-chunks of 16 (one AVX-512 register), then one by one
 # column parts per thread in the transposed merge: more keep a tile's column heaps in L2, but
 # 1, 4 and 8 measured alike (within the noise of a shared machine)
 STRIPS = 1
-SUB = 16  # ... then in sub-chunks of 16 (one AVX-512 register), then one by one
 BIG = np.float32(np.finfo(np.float32).max)
 LOW = np.int64(0xFFFFFFFF)  # the index half of a key
 EMPTY_INDEX = 0xFFFFFFFF  # the index of an empty slot (becomes -1 in the table)
