@@ -190,3 +190,119 @@ def test_keops_agrees_with_torch_on_real_features(tiny_demo):
         b = knn(bank, 9, backend="keops", **kw)
         torch.testing.assert_close(a.distances, b.distances, rtol=1e-4, atol=1e-3)
         assert (a.indices == b.indices).float().mean() > 0.99
+
+
+# --- the compiled CPU merge (patchlab._merge_cpu) -------------------------------------------
+
+
+def reference_merge(blocks, n, k):
+    """Top-k of every row by (distance, index), from (d2, r0, c0, add, both) blocks."""
+    cand = [[] for _ in range(n)]
+    for d2, r0, c0, add, both in blocks:
+        v = (d2.double() + add.double()[:, None]).float() if add is not None else d2
+        for i in range(v.shape[0]):
+            for j in range(v.shape[1]):
+                if math.isfinite(v[i, j]):
+                    cand[r0 + i].append((float(v[i, j]), c0 + j))
+                    if both:
+                        cand[c0 + j].append((float(v[i, j]), r0 + i))
+    out_d = torch.full((n, k), math.inf)
+    out_i = torch.full((n, k), -1, dtype=torch.int64)
+    for r, c in enumerate(cand):
+        best = sorted(c)[:k]
+        out_d[r, : len(best)] = torch.tensor([b[0] for b in best])
+        out_i[r, : len(best)] = torch.tensor([b[1] for b in best])
+    return out_d, out_i
+
+
+def run_heaps(blocks, n, k):
+    from patchlab._merge_cpu import Heaps
+
+    heaps = Heaps(n, k)
+    for d2, r0, c0, add, both in blocks:
+        heaps.merge(d2, r0, c0, add, both=both)
+    return heaps.result()
+
+
+@pytest.mark.parametrize("k", [1, 5, 40])
+@pytest.mark.parametrize("ties", [False, True])
+def test_heap_merge_matches_a_sorted_reference(k, ties):
+    """Row and transposed blocks, negative and +inf entries, ties, k wider than a block."""
+    g = torch.Generator().manual_seed(k)
+    n, blocks = 150, []
+    spans = [(0, 37), (37, 100), (100, 150)]  # uneven blocks, some narrower than k
+    for bi, (r0, r1) in enumerate(spans):
+        for bj, (c0, c1) in enumerate(spans):
+            if bj < bi:
+                continue
+            if ties:  # few distinct values: most comparisons are ties
+                d2 = torch.randint(-2, 6, (r1 - r0, c1 - c0), generator=g).float()
+            else:
+                d2 = torch.randn(r1 - r0, c1 - c0, generator=g) * 10  # negatives included
+            d2[torch.rand(d2.shape, generator=g) < 0.1] = math.inf  # excluded pairs
+            add = torch.randn(r1 - r0, generator=g) if not ties else torch.zeros(r1 - r0)
+            blocks.append((d2, r0, c0, add, bi != bj))
+    got_d, got_i = run_heaps(blocks, n, k)
+    ref_d, ref_i = reference_merge(blocks, n, k)
+    assert torch.equal(got_d, ref_d)
+    assert torch.equal(got_i, ref_i)
+
+
+def test_heap_merge_with_fewer_candidates_than_k():
+    d2 = torch.tensor([[3.0, math.inf, 1.0], [math.inf, math.inf, 2.0]])
+    got_d, got_i = run_heaps([(d2, 0, 10, None, False)], 2, 4)
+    assert got_d.tolist() == [[1.0, 3.0, math.inf, math.inf], [2.0] + [math.inf] * 3]
+    assert got_i.tolist() == [[12, 10, -1, -1], [12, -1, -1, -1]]
+
+
+def test_heap_merge_wide_blocks_use_the_vectorised_path():
+    """Blocks wider than a chunk (64) with a single thread and with all threads."""
+    g = torch.Generator().manual_seed(5)
+    blocks = [
+        (torch.rand(300, 300, generator=g), 0, 0, None, False),
+        (torch.rand(300, 500, generator=g), 0, 300, torch.rand(300, generator=g), True),
+        (torch.rand(500, 500, generator=g), 300, 300, None, False),
+    ]
+    ref = reference_merge(blocks, 800, 20)
+    threads = torch.get_num_threads()
+    try:
+        for t in {1, threads}:
+            torch.set_num_threads(t)
+            got = run_heaps(blocks, 800, 20)
+            assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_heap_merge_rejects_overlapping_transposes():
+    from patchlab._merge_cpu import Heaps
+
+    with pytest.raises(ValueError, match="disjoint"):
+        Heaps(10, 2).merge(torch.zeros(4, 4), 0, 2, both=True)
+
+
+@pytest.mark.parametrize("exclude", ["self", "nearest", "image", "none"])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_cpu_heaps_agree_with_the_torch_merge(clustered, monkeypatch, exclude, symmetric):
+    """The CPU heap merge and the torch merge (CUDA's) give the same tables, every mode."""
+    from patchlab import knn as knn_module
+
+    groups = torch.arange(900) // 30
+    kw = dict(exclude=exclude, query_groups=groups, block_size=64, progress=False)
+    if not symmetric:  # queries != bank: every query against the bank's other rows
+        bank_rows = torch.arange(1, 900, 2)
+        kw.update(bank=clustered[bank_rows], query_ids=torch.arange(900), bank_ids=bank_rows)
+        kw.update(bank_groups=groups[bank_rows])
+    k = 70  # wider than the first block's candidates of some rows once excluded
+    heaps = knn(clustered, k, **kw)
+    monkeypatch.setattr(knn_module, "CPU_HEAPS", False)
+    plain = knn(clustered, k, **kw)
+    torch.testing.assert_close(heaps.distances, plain.distances, rtol=0, atol=0)
+    # where the neighbours differ, they are ties: equally far in float64 too
+    rows, cols = (heaps.indices != plain.indices).nonzero(as_tuple=True)
+    assert rows.numel() < 0.001 * heaps.indices.numel()
+    bank = kw.get("bank", clustered).double()
+    q = clustered.double()[rows]
+    near_a = (q - bank[heaps.indices[rows, cols]]).norm(dim=1)
+    near_b = (q - bank[plain.indices[rows, cols]]).norm(dim=1)
+    torch.testing.assert_close(near_a, near_b, rtol=1e-5, atol=1e-6)
