@@ -44,6 +44,9 @@ PRECISIONS = ("fp32", "tf32", "bf16")
 # the CPU merges blocks into per-row heaps with compiled scans (patchlab._merge_cpu); False
 # selects the torch merge that CUDA uses (the tests run both)
 CPU_HEAPS = True
+# the CPU self-kNN reorders the bank into cluster-aligned blocks and skips the block pairs that
+# a triangle-inequality bound proves useless (patchlab._blocks); False computes every pair
+CPU_SKIP = True
 
 
 @dataclass(frozen=True)
@@ -267,21 +270,39 @@ def _knn_torch(queries, bank, k, symmetric, ids, groups, block_size, progress, p
     row_blocks = [(s, min(s + bs, n_q)) for s in range(0, n_q, bs)]
     col_blocks = row_blocks if symmetric else [(s, min(s + bs, n_b)) for s in range(0, n_b, bs)]
     pairs = [
-        (r, c)
-        for ri, r in enumerate(row_blocks)
-        for ci, c in enumerate(col_blocks)
+        (ri, ci)
+        for ri in range(len(row_blocks))
+        for ci in range(len(col_blocks))
         if not symmetric or ci >= ri
     ]
     if symmetric and heaps is not None:
         # diagonal blocks first: every heap is first filled from a block of its own rows,
         # where it stays in cache, and the transposed pass meets tight thresholds
         pairs.sort(key=lambda p: p[0] != p[1])
+    blocks = None
+    if symmetric and heaps is not None and CPU_SKIP and not low:
+        from patchlab._blocks import ClusterBlocks
+
+        if ClusterBlocks.worth_it(n_q, bs):
+            # reorder the bank into cluster-aligned blocks (undone at the end) and skip the
+            # block pairs the bound of patchlab._blocks proves useless
+            blocks = ClusterBlocks(q, bs)
+            order = blocks.order
+            q, q_norm = q[order], q_norm[order]
+            b, b_norm = q, q_norm
+            ids, groups = (_reorder(ids, order, n_q), _reorder(groups, order, n_q))
+            blocks.measure(q)
+            row_blocks = col_blocks = blocks.ranges
+            pairs = blocks.pairs()
+            # float32 rounding of a GEMM-form squared distance: well under 1e-5 (||f||^2 + ||m||^2)
+            margin = (1e-5 * (q_norm + q_norm.max())).numpy()
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
     try:
-        for (r0, r1), (c0, c1) in tqdm(
-            pairs, desc="neighbours", unit="block", disable=not progress
-        ):
+        for ri, ci in tqdm(pairs, desc="neighbours", unit="block", disable=not progress):
+            if blocks is not None and ri != ci and blocks.skippable(ri, ci, heaps.kth, margin):
+                continue
+            (r0, r1), (c0, c1) = row_blocks[ri], col_blocks[ci]
             # squared distances of one block: ||m||^2 - 2<f, m> in the GEMM, + ||f||^2 after
             if low:
                 d2 = (q_low[r0:r1] @ b_low[c0:c1].T).float().mul_(-2.0)
@@ -304,7 +325,25 @@ def _knn_torch(queries, bank, k, symmetric, ids, groups, block_size, progress, p
     if heaps is not None:
         best_d, best_i = heaps.result()
     _refine_near_duplicates(best_d, best_i, q, b, q_norm, b_norm)
+    if blocks is not None:  # back to the caller's row order and indices
+        out_d, out_i = torch.empty_like(best_d), torch.empty_like(best_i)
+        out_d[order] = best_d
+        out_i[order] = torch.where(best_i >= 0, order[best_i.clamp_min(0)], -1)
+        best_d, best_i = out_d, out_i
     return best_d, best_i
+
+
+def _reorder(pair, order, n):
+    """(query key, bank key) of an exclusion, for the reordered bank of a self-kNN.
+
+    Default ids (every row its own identity) stay positions, so only diagonal blocks meet."""
+    key = pair[0]
+    if key is None:
+        return pair
+    if torch.equal(key, torch.arange(n, device=key.device)):
+        return key, key
+    key = key[order]
+    return key, key
 
 
 def _rerank(queries, bank, idx, k):

@@ -306,3 +306,65 @@ def test_cpu_heaps_agree_with_the_torch_merge(clustered, monkeypatch, exclude, s
     near_a = (q - bank[heaps.indices[rows, cols]]).norm(dim=1)
     near_b = (q - bank[plain.indices[rows, cols]]).norm(dim=1)
     torch.testing.assert_close(near_a, near_b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture
+def small_clusters(monkeypatch):
+    """Let a 900-row bank be reordered into clusters of ~32 rows (normally >= 8192 rows)."""
+    from patchlab import _blocks
+
+    monkeypatch.setattr(_blocks, "MIN_ROWS", 0)
+    monkeypatch.setattr(_blocks, "CLUSTER_ROWS", 32)
+    skipped = []
+    original = _blocks.ClusterBlocks.skippable
+
+    def counting(self, *args):
+        result = original(self, *args)
+        skipped.append(result)
+        return result
+
+    monkeypatch.setattr(_blocks.ClusterBlocks, "skippable", counting)
+    return skipped
+
+
+@pytest.mark.parametrize("exclude", ["self", "nearest", "image", "none"])
+def test_skipping_block_pairs_stays_exact(clustered, small_clusters, exclude):
+    groups = torch.arange(900) // 30
+    nb = knn(clustered, 10, exclude=exclude, query_groups=groups, block_size=128, progress=False)
+    if exclude == "nearest":
+        ref_d, ref_i = brute(clustered, clustered, 11)
+        ref_d, ref_i = ref_d[:, 1:], ref_i[:, 1:]
+    else:
+        mask = {
+            "self": torch.eye(900, dtype=torch.bool),
+            "image": groups[:, None] == groups[None, :],
+            "none": None,
+        }[exclude]
+        ref_d, ref_i = brute(clustered, clustered, 10, mask)
+    assert_same(nb, ref_d, ref_i)
+    assert any(small_clusters) and not all(small_clusters)  # some pairs skipped, not all
+
+
+def test_skipping_with_explicit_ids(clustered, small_clusters):
+    ids = torch.arange(900) // 2  # rows 2i and 2i+1 are "the same patch"
+    nb = knn(clustered, 4, exclude="self", query_ids=ids, block_size=128, progress=False)
+    ref_d, ref_i = brute(clustered, clustered, 4, ids[:, None] == ids[None, :])
+    assert_same(nb, ref_d, ref_i)
+    assert any(small_clusters)
+
+
+def test_block_bound_is_below_every_distance(clustered, monkeypatch):
+    """||f - mu_B|| - rho_B <= min_{m in B} ||f - m|| for every row f and block B."""
+    from patchlab import _blocks
+
+    monkeypatch.setattr(_blocks, "CLUSTER_ROWS", 64)
+    blocks = _blocks.ClusterBlocks(clustered, 128)
+    x = clustered[blocks.order]
+    blocks.measure(x)
+    assert sorted(blocks.order.tolist()) == list(range(900))
+    assert blocks.ranges[0][0] == 0 and blocks.ranges[-1][1] == 900
+    assert all(e - s <= 128 for s, e in blocks.ranges)
+    d = torch.cdist(x.double(), x.double())
+    for b, (s, e) in enumerate(blocks.ranges):
+        nearest = d[:, s:e].min(1).values.numpy()
+        assert (blocks.to_centre[:, b] - blocks.radii[b] <= nearest + 1e-4).all()
