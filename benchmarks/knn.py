@@ -7,7 +7,10 @@ memory can be read (``ru_maxrss``) and one backend's allocations do not inflate 
     python benchmarks/knn.py --sizes 50000x1024x100    # one size: N x d x K
     python benchmarks/knn.py --backends torch faiss    # a subset
 
-Data: a seeded Gaussian mixture (64 clusters; patch features cluster the same way), float32.
+Data: a seeded Gaussian mixture (64 clusters; patch features cluster the same way), float32,
+or with ``--bank FILE.npy`` real features (e.g. a patchlab feature cache file), N rows evenly
+spread over the file. The CPU self-kNN skips block pairs that cannot hold neighbours, so its
+speed depends on how clustered the data are: measure both.
 Printed per size and backend: seconds, ratio to faiss (> 1: slower than faiss), peak extra
 resident memory over the data itself, and the share of neighbours identical to faiss' (up to
 ties). The GEMM floor is the distance FLOPs (2 N^2 d) divided by the GFLOP/s of one large
@@ -27,7 +30,17 @@ import time
 import numpy as np
 
 DEFAULT_SIZES = ("20000x1536x100", "50000x1024x100", "50000x64x10")
-BACKENDS = ("torch", "torch-tf32", "torch-bf16", "keops", "faiss", "sklearn", "floor")
+# torch-noskip: the CPU search without skipping block pairs (patchlab.knn.CPU_SKIP = False)
+BACKENDS = (
+    "torch",
+    "torch-noskip",
+    "torch-tf32",
+    "torch-bf16",
+    "keops",
+    "faiss",
+    "sklearn",
+    "floor",
+)
 DEFAULT_BACKENDS = ("torch", "keops", "faiss", "sklearn", "floor")
 KEOPS_LIMIT_S = 600.0
 
@@ -46,9 +59,21 @@ def rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def run_backend(backend: str, n: int, d: int, k: int, device: str, limit: float) -> dict:
+def load_bank(path: str, n: int) -> np.ndarray:
+    """(n, d) float32: n rows spread evenly over a saved feature array (any shape (..., d)),
+    e.g. a patchlab feature cache file ``features-<key>.npy``."""
+    f = np.load(path, mmap_mode="r")
+    f = f.reshape(-1, f.shape[-1])
+    if n > len(f):
+        raise ValueError(f"{path} holds {len(f)} rows, fewer than N = {n}")
+    return np.ascontiguousarray(f[:: len(f) // n][:n], dtype=np.float32)
+
+
+def run_backend(
+    backend: str, n: int, d: int, k: int, device: str, limit: float, bank: str | None = None
+) -> dict:
     """Run one backend in this process; returns seconds, memory and the neighbour indices."""
-    x = make_bank(n, d)
+    x = make_bank(n, d) if bank is None else load_bank(bank, n)
     # import every library first, so that "peak extra" counts the search's memory only
     # (faiss is absent on the GPU machine: there the peer is patchlab's own fp32 torch run)
     import importlib.util
@@ -70,6 +95,9 @@ def run_backend(backend: str, n: int, d: int, k: int, device: str, limit: float)
         from patchlab.knn import knn
 
         name, _, precision = backend.partition("-")
+        if precision == "noskip":
+            patchlab.knn.CPU_SKIP = False
+            precision = "fp32"
         q = torch.from_numpy(x).to(device)
         kw = dict(backend=name, precision=precision or "fp32", progress=False)
         if device == "cuda":  # warm-up: CUDA context, cuBLAS handles, KeOps compilation
@@ -141,6 +169,12 @@ def main() -> None:
     parser.add_argument("--backends", nargs="+", default=list(DEFAULT_BACKENDS), choices=BACKENDS)
     parser.add_argument("--device", default="cpu")
     parser.add_argument(
+        "--bank",
+        default=None,
+        help="real features instead of the Gaussian mixture: a .npy array (..., d), such as a "
+        "patchlab feature cache file; N rows are taken evenly spread, d is the file's",
+    )
+    parser.add_argument(
         "--keops-limit",
         type=float,
         default=KEOPS_LIMIT_S,
@@ -152,10 +186,12 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         backend, n, d, k = args.child[0], *map(int, args.child[1:])
-        print(json.dumps(run_backend(backend, n, d, k, args.device, args.keops_limit)))
+        print(json.dumps(run_backend(backend, n, d, k, args.device, args.keops_limit, args.bank)))
         return
 
+    data = args.bank or "Gaussian mixture (64 clusters)"
     print(f"device={args.device} threads={os.cpu_count()} python={sys.version.split()[0]}")
+    print(f"data: {data}")
     header = (
         f"{'N x d, K':>18}  {'backend':>8}  {'seconds':>8}  {'vs faiss':>8}  {'peak MB':>8}  same"
     )
@@ -175,6 +211,7 @@ def main() -> None:
                 str(k),
                 "--device",
                 args.device,
+                *(["--bank", args.bank] if args.bank else []),
             ]
             out = subprocess.run(cmd, capture_output=True, text=True)
             if out.returncode != 0:
