@@ -63,14 +63,33 @@ def test_reduced_precision_with_a_pool_equals_fp32(bank, precision):
     same_up_to_ties(low, exact)
 
 
-def test_keops_cuda_equals_torch(bank):
+KEOPS_CHECK = """
+import torch
+from patchlab.knn import knn
+g = torch.Generator().manual_seed(0)
+x = (torch.randn(20, 256, generator=g) * 4)[torch.randint(0, 20, (3000,), generator=g)]
+x = (x + torch.randn(3000, 256, generator=g) + 50).cuda()
+groups = torch.arange(3000) // 50
+for exclude in ("self", "image"):
+    kw = dict(exclude=exclude, query_groups=groups, progress=False)
+    a = knn(x, 11, **kw)
+    b = knn(x, 10, backend="keops", **kw)
+    torch.testing.assert_close(b.distances.cpu(), a.distances[:, :10].cpu(), rtol=1e-4, atol=1e-4)
+    assert (b.indices == a.indices[:, :10]).float().mean() > 0.999
+"""
+
+
+def test_keops_cuda_equals_torch():
+    """In a subprocess: pykeops 2.3 segfaulted generating its first CUDA kernel on the H200
+    image (CUDA 13), which would take the whole test session down with it."""
     pytest.importorskip("pykeops")
-    groups = torch.arange(3000) // 50
-    for exclude in ("self", "image"):
-        kw = dict(exclude=exclude, query_groups=groups, progress=False)
-        a = knn(bank.cuda(), 11, **kw)
-        b = knn(bank.cuda(), 10, backend="keops", **kw)
-        same_up_to_ties(b, a)
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", KEOPS_CHECK], capture_output=True, text=True)
+    assert done.returncode == 0, (
+        f"KeOps on CUDA failed (rc {done.returncode}): {done.stderr[-2000:]}"
+    )
 
 
 def test_coreset_cuda_covers_like_cpu(bank):
