@@ -267,18 +267,6 @@ def _knn_torch(queries, bank, k, symmetric, ids, groups, block_size, progress, p
     else:
         best_d = torch.full((n_q, k), math.inf, device=device)
         best_i = torch.full((n_q, k), -1, dtype=torch.int64, device=device)
-    row_blocks = [(s, min(s + bs, n_q)) for s in range(0, n_q, bs)]
-    col_blocks = row_blocks if symmetric else [(s, min(s + bs, n_b)) for s in range(0, n_b, bs)]
-    pairs = [
-        (ri, ci)
-        for ri in range(len(row_blocks))
-        for ci in range(len(col_blocks))
-        if not symmetric or ci >= ri
-    ]
-    if symmetric and heaps is not None:
-        # diagonal blocks first: every heap is first filled from a block of its own rows,
-        # where it stays in cache, and the transposed pass meets tight thresholds
-        pairs.sort(key=lambda p: p[0] != p[1])
     blocks = None
     if symmetric and heaps is not None and CPU_SKIP and not low:
         from patchlab._blocks import ClusterBlocks
@@ -293,9 +281,22 @@ def _knn_torch(queries, bank, k, symmetric, ids, groups, block_size, progress, p
             ids, groups = (_reorder(ids, order, n_q), _reorder(groups, order, n_q))
             blocks.measure(q)
             row_blocks = col_blocks = blocks.ranges
-            pairs = blocks.pairs()
+            pairs = blocks.pairs()  # diagonal blocks first, as below
             # float32 rounding of a GEMM-form squared distance: well under 1e-5 (||f||^2 + ||m||^2)
             margin = (1e-5 * (q_norm + q_norm.max())).numpy()
+    if blocks is None:
+        row_blocks = [(s, min(s + bs, n_q)) for s in range(0, n_q, bs)]
+        col_blocks = row_blocks if symmetric else [(s, min(s + bs, n_b)) for s in range(0, n_b, bs)]
+        pairs = [
+            (ri, ci)
+            for ri in range(len(row_blocks))
+            for ci in range(len(col_blocks))
+            if not symmetric or ci >= ri
+        ]
+        if symmetric and heaps is not None:
+            # diagonal blocks first: every heap is first filled from a block of its own rows,
+            # where it stays in cache, and the transposed pass meets tight thresholds
+            pairs.sort(key=lambda p: p[0] != p[1])
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
     try:
