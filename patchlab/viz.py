@@ -397,15 +397,19 @@ def cell_traces(j: int) -> tuple[int, int, int]:
     return 3 * j, 3 * j + 1, 3 * j + 2
 
 
+def _strided(image: np.ndarray, stride: int) -> dict:
+    """Every ``stride``-th pixel of ``image``, placed at the centre of the pixels it stands for
+    (the ``z``, ``x0``, ``dx``, ``y0``, ``dy`` of a heatmap or contour trace)."""
+    centre = (stride - 1) / 2
+    z = np.asarray(image, np.float32)[::stride, ::stride]
+    return dict(z=z, x0=centre, dx=stride, y0=centre, dy=stride)
+
+
 def _map_trace(
     m: np.ndarray, stride: int, zmin: float, zmax: float, opacity: float, showscale: bool
 ) -> go.Heatmap:
     return go.Heatmap(
-        z=np.asarray(m, np.float32)[::stride, ::stride],
-        x0=(stride - 1) / 2,
-        dx=stride,
-        y0=(stride - 1) / 2,
-        dy=stride,
+        **_strided(m, stride),
         zmin=zmin,
         zmax=zmax,
         colorscale=MAP_COLORS,
@@ -419,11 +423,7 @@ def _map_trace(
 
 def _mask_trace(mask: np.ndarray, stride: int) -> go.Contour:
     return go.Contour(
-        z=np.asarray(mask, np.float32)[::stride, ::stride],
-        x0=(stride - 1) / 2,
-        dx=stride,
-        y0=(stride - 1) / 2,
-        dy=stride,
+        **_strided(mask, stride),
         showscale=False,
         contours=dict(start=0.5, end=0.5, size=1, coloring="none"),
         line=dict(color="cyan", width=1.5),
