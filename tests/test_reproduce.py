@@ -6,6 +6,12 @@ from patchlab import reproduce as rep
 from patchlab.cli import main
 
 
+def reproduce_args(data, table, setting, out):
+    """``patchlab reproduce`` of one table and one blind setting, quietly."""
+    args = ["reproduce", str(data), "--table", str(table), "--settings", setting]
+    return [*args, "--out", str(out), "--quiet"]
+
+
 def rows_of(path):
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
@@ -30,17 +36,7 @@ def test_table2_has_every_method_and_setting(tiny_demo, tmp_path):
 
 
 def test_resume_skips_finished_cells(tiny_demo, tmp_path, monkeypatch):
-    args = [
-        "reproduce",
-        str(tiny_demo),
-        "--table",
-        "7",
-        "--settings",
-        "test",
-        "--out",
-        str(tmp_path),
-        "--quiet",
-    ]
+    args = reproduce_args(tiny_demo, 7, "test", tmp_path)
     assert main(args) == 0
     first = rows_of(tmp_path / "table7.csv")
     # computed largest coreset first (smaller ones are prefixes of its cached picks) ...
@@ -79,17 +75,7 @@ def test_bad_table_and_unlabelled_data(tmp_path, tiny_demo, capsys):
 
 
 def test_resume_on_a_category_folder_and_settings_guard(tiny_demo, tmp_path, monkeypatch):
-    args = [
-        "reproduce",
-        str(tiny_demo / "brick"),
-        "--table",
-        "5",
-        "--settings",
-        "ano",
-        "--out",
-        str(tmp_path),
-        "--quiet",
-    ]
+    args = reproduce_args(tiny_demo / "brick", 5, "ano", tmp_path)
     assert main(args) == 0
     first = rows_of(tmp_path / "table5.csv")
     assert len(first) == 7 and {r["category"] for r in first} == {""}
@@ -100,8 +86,7 @@ def test_resume_on_a_category_folder_and_settings_guard(tiny_demo, tmp_path, mon
 
 def test_combine_joins_settings_run_apart(tiny_demo, tmp_path):
     for setting in ("test", "ano"):
-        args = ["reproduce", str(tiny_demo), "--table", "7", "--settings", setting]
-        assert main([*args, "--out", str(tmp_path / setting), "--quiet"]) == 0
+        assert main(reproduce_args(tiny_demo, 7, setting, tmp_path / setting)) == 0
     rep.combine([tmp_path / "test", tmp_path / "ano"], 7, tmp_path / "all")
     joined = rows_of(tmp_path / "all" / "table7.csv")
     assert joined == rows_of(tmp_path / "test" / "table7.csv") + rows_of(
