@@ -14,6 +14,7 @@ import sys
 import time
 from dataclasses import fields
 
+from patchlab.backbones import BACKBONES
 from patchlab.config import RunConfig
 from patchlab.data import SETTINGS
 from patchlab.demo import DEMO_CATEGORIES, demo_path, make_demo_data
@@ -31,12 +32,27 @@ def _add_method_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--coreset", type=float, default=1.0, help="bank fraction in (0, 1]")
 
 
-def _add_run_options(p: argparse.ArgumentParser) -> None:
+def _add_run_options(p: argparse.ArgumentParser, backbone: str = "efficientnet_lite0") -> None:
     """Options shared by every command that runs the pipeline (one per RunConfig field)."""
-    p.add_argument("--weights", default="none", help="none (seeded random), imagenet, or a path")
+    p.add_argument(
+        "--backbone",
+        default=backbone,
+        choices=tuple(BACKBONES),
+        help=f"feature extractor (default {backbone})",
+    )
+    p.add_argument(
+        "--weights",
+        default="imagenet",
+        help="imagenet (default), none (seeded random: tests only), or a state-dict path",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     p.add_argument("--no-crop", action="store_true", help="resize to 224 without centre crop")
-    p.add_argument("--image-score", default="eq3", choices=IMAGE_SCORES)
+    p.add_argument(
+        "--image-score",
+        default=IMAGE_SCORES[0],
+        choices=IMAGE_SCORES,
+        help="re-weighted maximum (patchcore: PatchCore's; eq3: as printed) or plain max",
+    )
     p.add_argument("--b", type=int, default=9, help="neighbours of f* in Eq. 3")
     p.add_argument("--sigma", type=float, default=4.0, help="Gaussian blur of the maps, pixels")
     p.add_argument("--backend", default="auto", choices=BACKENDS)
@@ -82,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument(
         "--settings", nargs="+", default=["mix", "test", "ano"], choices=["mix", "test", "ano"]
     )
-    _add_run_options(rep)
+    _add_run_options(rep, backbone="wide_resnet50_2")  # the paper's
 
     data = sub.add_parser("demo-data", help="write the offline demo data set")
     data.add_argument("out")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from patchlab.backbones import BACKBONES
 from patchlab.data import SETTINGS
 from patchlab.knn import BACKENDS, EXCLUDE_MODES
 from patchlab.maps import IMAGE_SCORES
@@ -29,19 +30,24 @@ class RunConfig:
     k : int
         Neighbours averaged by PatchCluster (Eq. 2).
     k_max : int, optional
-        Width of the neighbour table (default ``max(k, b)``); any K <= k_max re-scores from it.
+        Width of the neighbour table (default ``k``); any K <= k_max re-scores from it.
     exclude : {"self", "nearest", "image", "none"}
         What counts as the patch itself; see :mod:`patchlab.knn`.
+    backbone : str
+        A key of :data:`patchlab.backbones.BACKBONES`: ``"efficientnet_lite0"`` (ImageNet
+        weights installed with patchlab, offline) or ``"wide_resnet50_2"`` (the paper's).
     weights : str
-        ``"none"`` (seeded random), ``"imagenet"`` or a state-dict path.
+        ``"imagenet"``, ``"none"`` (seeded random: for tests, never for shown results) or a
+        state-dict path.
     seed : int
         Seed of the random weights.
     resize, crop : int
         Resize side, then centre-crop side; ``crop=None`` resizes straight to 224 (no crop).
-    image_score : {"eq3", "max"}
-        Image score: the paper's Eq. 3 or the plain maximum.
+    image_score : {"patchcore", "eq3", "max"}
+        Image score: the maximum re-weighted as PatchCore does (the function the paper says
+        Eq. 3 is), Eq. 3 as printed, or the plain maximum; see :func:`patchlab.maps.image_scores`.
     b : int
-        Neighbours of f* in Eq. 3.
+        Neighbours of f* that re-weight the maximum (N_b(f*), f* included).
     sigma : float
         Gaussian blur of the maps, in pixels.
     backend : {"auto", "torch", "keops"}
@@ -68,11 +74,12 @@ class RunConfig:
     k: int = 25
     k_max: int | None = None
     exclude: str = "self"
-    weights: str = "none"
+    backbone: str = "efficientnet_lite0"
+    weights: str = "imagenet"
     seed: int = 0
     resize: int = 256
     crop: int | None = 224
-    image_score: str = "eq3"
+    image_score: str = IMAGE_SCORES[0]
     b: int = 9
     sigma: float = 4.0
     backend: str = "auto"
@@ -90,6 +97,7 @@ class RunConfig:
             "exclude": EXCLUDE_MODES,
             "image_score": IMAGE_SCORES,
             "backend": BACKENDS,
+            "backbone": tuple(BACKBONES),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -99,8 +107,10 @@ class RunConfig:
         for name in ("k", "b", "resize", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.k_max is not None and self.k_max < max(self.k, self.b):
-            raise ValueError(f"k_max={self.k_max} must be >= k={self.k} and b={self.b}")
+        if self.image_score == "patchcore" and self.b < 2:
+            raise ValueError("image_score='patchcore' needs b >= 2 (with b = 1 its weight is 0)")
+        if self.k_max is not None and self.k_max < self.k:
+            raise ValueError(f"k_max={self.k_max} must be >= k={self.k}")
         if self.crop is not None and not 1 <= self.crop <= self.resize:
             raise ValueError(f"crop={self.crop} must lie in [1, resize={self.resize}]")
         if not 0 < self.coreset <= 1:
@@ -113,7 +123,7 @@ class RunConfig:
     @property
     def table_k(self) -> int:
         """Width of the neighbour table this run needs."""
-        return self.k_max or max(self.k, self.b)
+        return self.k_max or self.k
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -3,7 +3,7 @@
 An :class:`ImageSet` holds paths, labels and mask paths only; pixels are read when needed by
 :func:`load_images` and :func:`load_masks`, which apply the paper's preprocessing: resize to
 256 x 256, centre-crop 224 x 224 (or, with ``crop=None``, resize straight to 224 x 224 so that
-nothing near the border is cut away), ImageNet mean/std for the backbone.
+nothing near the border is cut away), and the backbone's input normalisation.
 
 Blind settings on an MVTec-layout category (nobody tells the method which image is normal):
 
@@ -198,19 +198,31 @@ def _resize_crop(img: Image.Image, resample: int, resize: int, crop: int | None)
     return img.crop((left, left, left + crop, left + crop))
 
 
-def preprocess(img: Image.Image, resize: int = 256, crop: int | None = 224) -> torch.Tensor:
+def preprocess(
+    img: Image.Image,
+    resize: int = 256,
+    crop: int | None = 224,
+    mean: tuple[float, float, float] = IMAGENET_MEAN,
+    std: tuple[float, float, float] = IMAGENET_STD,
+) -> torch.Tensor:
     """One RGB image to a normalised backbone input.
+
+    Parameters
+    ----------
+    img : PIL image, RGB
+    resize, crop : int
+        Resize side, then centre-crop side (None: no crop).
+    mean, std : per-channel statistics on [0, 1] RGB the backbone was trained with
+        (:attr:`patchlab.backbones.Backbone.mean`); ImageNet's by default.
 
     Returns
     -------
     torch.Tensor, shape (3, S, S), float32
-        S = ``crop`` (or ``resize`` when ``crop`` is None); ImageNet mean/std normalised.
+        S = ``crop`` (or ``resize`` when ``crop`` is None); (x - mean) / std.
     """
     arr = np.asarray(_resize_crop(img, Image.BILINEAR, resize, crop), dtype=np.float32) / 255.0
     x = torch.from_numpy(arr).permute(2, 0, 1)
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return (x - mean) / std
+    return (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
 
 
 def load_display(path: Path, resize: int = 256, crop: int | None = 224) -> np.ndarray:

@@ -10,6 +10,7 @@ import csv
 import hashlib
 import json
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from patchlab.coreset import CORESET_VERSION, N_STARTS, PROJECTION_DIM, greedy_c
 from patchlab.data import ImageSet, load_folder, load_masks, load_mvtec
 from patchlab.features import extract_features, feature_key, resolve_device
 from patchlab.knn import KNN_VERSION, Neighbours, knn
-from patchlab.maps import anomaly_maps, image_scores
+from patchlab.maps import anomaly_maps, image_scores, support_distances
 from patchlab.methods import METHODS, ScoringInputs, score_patches
 from patchlab.metrics import evaluate
 from patchlab.metrics import image_auroc as evaluate_images
@@ -43,8 +44,10 @@ class Result:
     image_scores : np.ndarray, shape (n,)
     masks : np.ndarray, shape (n, S, S), uint8
     metrics : dict
-        image_auroc, pixel_auroc, pro (None where undefined), n_images, n_patches, n_bank,
-        image_score (the rule used), seconds per stage.
+        image_auroc, pixel_auroc, pro (None where undefined), image_auroc_by_score (every
+        image-score rule, where a neighbour table exists), negative_weights, n_images,
+        n_patches, n_bank, image_score (the rule used), backbone, feature_dim, seconds per
+        stage.
     """
 
     config: RunConfig
@@ -71,6 +74,7 @@ def load_images(config: RunConfig) -> ImageSet:
 def feature_options(config: RunConfig, progress: bool = False) -> dict:
     """The keyword arguments of :func:`extract_features` that a config sets."""
     return dict(
+        backbone=config.backbone,
         weights=config.weights,
         seed=config.seed,
         resize=config.resize,
@@ -131,10 +135,14 @@ def rescore(
 ) -> Result:
     """Scores, maps, image scores and metrics from prepared inputs (no feature or kNN work).
 
-    Eq. 3 image scores need the neighbour table; methods without one use the plain maximum,
-    and ``metrics["image_score"]`` says which rule was used. ``pixel_metrics=False`` skips
-    pixel AUROC and PRO (they sort every pixel of the set, the slowest part of a re-score;
-    they are None then) and keeps the image AUROC: what an interactive widget needs.
+    The re-weighted image scores (``patchcore``, ``eq3``) need the neighbour table; methods
+    without one use the plain maximum, and ``metrics["image_score"]`` says which rule was
+    used. Where a table exists, the image AUROC of every rule is reported as
+    ``metrics["image_auroc_by_score"]`` and ``metrics["negative_weights"]`` counts the images
+    whose weight under the configured rule is negative (a warning says so).
+    ``pixel_metrics=False`` skips pixel AUROC and PRO (they sort every pixel of the set, the
+    slowest part of a re-score; they are None then) and keeps the image AUROC: what an
+    interactive widget needs.
     """
     t0 = time.perf_counter()
     n, h, w, _ = inputs.features.shape
@@ -150,26 +158,42 @@ def rescore(
     patch = flat.reshape(n, h, w)
     maps = anomaly_maps(patch, config.crop or config.resize, config.sigma)
     rule = config.image_score if inputs.neighbours is not None else "max"
-    scores = image_scores(patch, inputs.neighbours, rule, config.b)
+    by_rule = {"max": image_scores(patch, "max")}
+    if inputs.neighbours is not None:
+        support = support_distances(
+            patch, inputs.features, inputs.neighbours, config.b, inputs.bank_rows
+        )
+        for other in ("patchcore", "eq3"):
+            by_rule[other] = image_scores(patch, other, support)
+    scores = by_rule[rule]
+    negative = int((scores < 0).sum())
+    if negative:
+        warnings.warn(
+            f"{negative} of {n} images got a negative image-score weight under "
+            f"image_score={rule!r} (its a* exceeds log sum exp of the support distances), "
+            "which inverts their ranking; use image_score='patchcore' or 'max'",
+            stacklevel=2,
+        )
     t1 = time.perf_counter()
     metrics: dict = {"image_auroc": None, "pixel_auroc": None, "pro": None}
     if images.has_labels and pixel_metrics:
         metrics = evaluate(images.labels, scores, masks, maps)
     elif images.has_labels:
         metrics["image_auroc"] = evaluate_images(images.labels, scores)
-    if rule == "eq3" and images.has_labels:
-        # Eq. 3's weight 1 - exp(a*) / sum exp(d) turns negative when a* exceeds
-        # d_1 + ln(b) (PatchCluster's a* is a mean of K distances): report the plain-max
-        # ranking beside it, and how many images got a negative weight
-        plain = image_scores(patch, None, "max")
-        metrics["image_auroc_max"] = evaluate_images(images.labels, plain)
-        metrics["eq3_negative"] = int((scores < 0).sum())
+    if images.has_labels and len(by_rule) > 1:
+        metrics["image_auroc_by_score"] = {
+            name: evaluate_images(images.labels, s) for name, s in by_rule.items()
+        }
+    metrics["negative_weights"] = negative
     n_bank = len(inputs.bank_rows) if inputs.bank_rows is not None else n * h * w
     metrics |= {
         "n_images": n,
         "n_patches": n * h * w,
         "n_bank": n_bank,
         "image_score": rule,
+        "backbone": config.backbone,
+        "weights": config.weights,
+        "feature_dim": int(inputs.features.shape[-1]),
         "seconds": {"scores": round(t1 - t0, 3), "metrics": round(time.perf_counter() - t1, 3)},
     }
     return Result(config, images, inputs, patch, maps, scores, masks, metrics)
@@ -189,7 +213,12 @@ def neighbour_table(
     """
     n, h, w, d = features.shape
     fkey = feature_key(
-        images, weights=config.weights, seed=config.seed, resize=config.resize, crop=config.crop
+        images,
+        backbone=config.backbone,
+        weights=config.weights,
+        seed=config.seed,
+        resize=config.resize,
+        crop=config.crop,
     )
     folder = Path(config.cache_dir or default_cache_dir())
     bank = features.reshape(n * h * w, d)

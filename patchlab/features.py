@@ -1,37 +1,33 @@
-"""Locally aware patch features from a WideResNet-50-2 (PatchCore's, as the paper uses them).
+"""Locally aware patch features from a pretrained CNN (see :mod:`patchlab.backbones`).
 
-For an input of 224 x 224 pixels:
+For an input of S x S pixels (S = 224), a backbone gives maps at strides 8 and 16:
 
-    layer2: (512, 28, 28)    layer3: (1024, 14, 14)
+    efficientnet_lite0:  block 4: (40, 28, 28)     block 10: (112, 14, 14)
+    wide_resnet50_2:     layer2:  (512, 28, 28)    layer3:   (1024, 14, 14)
+
     locally aware:  f(h, w) <- mean of f over the 3 x 3 neighbourhood of (h, w)   (zero padded)
-    layer3 upsampled bilinearly to 28 x 28, concatenated with layer2: (1536, 28, 28)
-    adaptive average pooling along channels: 1536 -> 1024
+    every coarser map upsampled bilinearly to the finest grid, all concatenated
+    adaptive average pooling along channels down to the backbone's ``dim`` (wide_resnet50_2:
+    1536 -> 1024, as PatchCore; efficientnet_lite0 keeps its 152)
 
-so every 8 x 8-pixel patch gets one 1024-d feature: an image gives a (28, 28, 1024) grid.
-
-Weights: ``"imagenet"`` (torchvision's ``IMAGENET1K_V1``, read from the torch hub cache when
-offline), ``"none"`` (random, seeded: reproducible, and what tests and the demo use), or the path
-of a saved state dict.
+so every 8 x 8-pixel patch gets one feature: an image gives a (28, 28, dim) grid.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision
 from tqdm.auto import tqdm
 
+from patchlab.backbones import build_backbone, get_backbone, weights_identity
 from patchlab.cache import atomic_save, cache_key, default_cache_dir
 from patchlab.data import ImageSet, preprocess, read_rgb
 
-FEATURE_DIM = 1024
-FEATURE_VERSION = 2  # bump whenever the features computed for the same settings change
-IMAGENET_FILE = Path(torchvision.models.Wide_ResNet50_2_Weights.IMAGENET1K_V1.url).name
+FEATURE_VERSION = 3  # bump whenever the features computed for the same settings change
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -41,106 +37,32 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return torch.device(device)
 
 
-def build_backbone(weights: str | Path = "none", seed: int = 0) -> torch.nn.Module:
-    """A WideResNet-50-2 in eval mode, with the requested weights.
+def aggregate(taps: list[torch.Tensor], dim: int | None = None) -> torch.Tensor:
+    """Locally aware patch features from a backbone's tapped maps.
 
     Parameters
     ----------
-    weights : "imagenet", "none" or a path
-        ``"imagenet"``: torchvision's IMAGENET1K_V1 (downloaded once into the torch hub cache).
-        ``"none"``: random initialisation from ``seed``. A path: a state dict saved with
-        ``torch.save(model.state_dict(), path)`` (a ``{"state_dict": ...}`` wrapper is accepted).
-    seed : int
-        Seed of the random initialisation (``"none"`` only).
-    """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = torchvision.models.wide_resnet50_2(weights=None)
-    if str(weights) == "imagenet":
-        model.load_state_dict(_imagenet_state_dict())
-    elif str(weights) != "none":
-        path = Path(weights)
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"weights file {path} does not exist; pass --weights imagenet, none or a "
-                "state-dict file"
-            )
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state) if isinstance(state, dict) else state
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as err:
-            raise ValueError(
-                f"{path} is not a WideResNet-50-2 state dict ({str(err).splitlines()[0]})"
-            ) from err
-    return model.eval()
-
-
-def _imagenet_state_dict() -> dict:
-    """torchvision's ImageNet weights, from the hub cache or the network, or a clear error."""
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / IMAGENET_FILE
-    weights = torchvision.models.Wide_ResNet50_2_Weights.IMAGENET1K_V1
-    try:
-        return weights.get_state_dict(progress=True)
-    except Exception as err:  # offline: URLError, socket errors, partial downloads
-        raise RuntimeError(
-            f"ImageNet weights for WideResNet-50-2 could not be loaded ({err}). Offline, put "
-            f"{IMAGENET_FILE} (from {weights.url}) at {cached}, or pass --weights PATH with a "
-            "saved state dict, or --weights none for random weights."
-        ) from err
-
-
-def weights_identity(weights: str | Path, seed: int) -> str:
-    """A string that changes whenever the backbone's weights would (for cache keys)."""
-    if str(weights) == "none":
-        return f"random-seed{seed}"
-    if str(weights) == "imagenet":
-        return "IMAGENET1K_V1"
-    if not Path(weights).is_file():
-        raise FileNotFoundError(
-            f"weights file {weights} does not exist; pass --weights imagenet, none or a "
-            "state-dict file"
-        )
-    digest = hashlib.sha256(Path(weights).read_bytes()).hexdigest()
-    return f"file-{digest}"
-
-
-def backbone_layers(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Outputs of layer2 and layer3 (the network stops there).
-
-    Parameters
-    ----------
-    x : torch.Tensor, shape (b, 3, 224, 224)
+    taps : list of torch.Tensor, shapes (b, c_j, h_j, w_j), the finest (h, w) first
+    dim : int, optional
+        Output width: the concatenated sum(c_j) channels are average pooled to ``dim`` (the
+        paper's 1536 -> 1024); None keeps them all.
 
     Returns
     -------
-    layer2 (b, 512, 28, 28) and layer3 (b, 1024, 14, 14)
+    torch.Tensor, shape (b, h, w, dim or sum(c_j))
     """
-    x = model.maxpool(model.relu(model.bn1(model.conv1(x))))
-    layer2 = model.layer2(model.layer1(x))
-    return layer2, model.layer3(layer2)
-
-
-def aggregate(layer2: torch.Tensor, layer3: torch.Tensor, dim: int = FEATURE_DIM) -> torch.Tensor:
-    """Locally aware patch features from the two layers.
-
-    Parameters
-    ----------
-    layer2 : torch.Tensor, shape (b, c2, h, w)
-    layer3 : torch.Tensor, shape (b, c3, h', w')
-    dim : int
-        Output width (the paper's 1024).
-
-    Returns
-    -------
-    torch.Tensor, shape (b, h, w, dim)
-    """
-    # f(h, w) <- (1/9) sum over the 3x3 neighbourhood (zero padded, as PatchCore's unfold)
-    local2 = F.avg_pool2d(layer2, 3, stride=1, padding=1)
-    local3 = F.avg_pool2d(layer3, 3, stride=1, padding=1)
-    local3 = F.interpolate(local3, size=layer2.shape[-2:], mode="bilinear", align_corners=False)
-    stacked = torch.cat([local2, local3], 1).permute(0, 2, 3, 1)  # (b, h, w, c2 + c3)
+    size = taps[0].shape[-2:]
+    local = []
+    for fmap in taps:
+        # f(h, w) <- (1/9) sum over the 3x3 neighbourhood (zero padded, as PatchCore's unfold)
+        fmap = F.avg_pool2d(fmap, 3, stride=1, padding=1)
+        if fmap.shape[-2:] != size:
+            fmap = F.interpolate(fmap, size=size, mode="bilinear", align_corners=False)
+        local.append(fmap)
+    stacked = torch.cat(local, 1).permute(0, 2, 3, 1)  # (b, h, w, sum c_j)
     b, h, w, c = stacked.shape
+    if dim is None or dim == c:
+        return stacked.contiguous()
     pooled = F.adaptive_avg_pool1d(stacked.reshape(b * h * w, 1, c), dim)  # channels c -> dim
     return pooled.reshape(b, h, w, dim)
 
@@ -149,7 +71,8 @@ def extract_features(
     images: ImageSet,
     *,
     kind: str = "patch",
-    weights: str | Path = "none",
+    backbone: str = "efficientnet_lite0",
+    weights: str | Path = "imagenet",
     seed: int = 0,
     resize: int = 256,
     crop: int | None = 224,
@@ -165,9 +88,10 @@ def extract_features(
     images : ImageSet
     kind : {"patch", "global"}
         ``"patch"``: the locally aware patch features (the method's memory bank).
-        ``"global"``: the average-pooled output of the last stage (layer4), one vector per
-        image, as SPADE uses to find each image's nearest images.
-    weights, seed : see :func:`build_backbone`.
+        ``"global"``: the backbone's average-pooled last stage, one vector per image, as SPADE
+        uses to find each image's nearest images.
+    backbone : a key of :data:`patchlab.backbones.BACKBONES`
+    weights, seed : see :func:`patchlab.backbones.build_backbone`.
     resize, crop : see :func:`patchlab.data.preprocess`.
     batch_size : int
         Images per forward pass.
@@ -178,18 +102,22 @@ def extract_features(
     Returns
     -------
     torch.Tensor, float32, on the CPU
-        ``"patch"``: shape (n_images, 28, 28, 1024); ``"global"``: shape (n_images, 2048).
+        ``"patch"``: shape (n_images, S/8, S/8, dim), e.g. (n, 28, 28, 152) for
+        efficientnet_lite0; ``"global"``: shape (n_images, global_dim).
     """
     if kind not in ("patch", "global"):
         raise ValueError(f"kind={kind!r} is unknown; choose 'patch' or 'global'")
-    key = feature_key(images, weights=weights, seed=seed, resize=resize, crop=crop)
+    spec = get_backbone(backbone)
+    key = feature_key(
+        images, backbone=backbone, weights=weights, seed=seed, resize=resize, crop=crop
+    )
     stem = "features" if kind == "patch" else "global"
     path = Path(cache_dir or default_cache_dir()) / f"{stem}-{key}.npy"
     if path.is_file():
         return torch.from_numpy(np.load(path))
 
     device = resolve_device(device)
-    model = build_backbone(weights, seed).to(device)
+    model = build_backbone(backbone, weights, seed).to(device)
     batches = [images.paths[i : i + batch_size] for i in range(0, len(images), batch_size)]
     out = []
     bar = tqdm(total=len(images), desc=f"{kind} features", unit="img", disable=not progress)
@@ -200,12 +128,14 @@ def extract_features(
     try:
         with torch.inference_mode():
             for batch in batches:
-                x = torch.stack([preprocess(read_rgb(p), resize, crop) for p in batch]).to(device)
-                layer2, layer3 = backbone_layers(model, x)
+                x = torch.stack(
+                    [preprocess(read_rgb(p), resize, crop, spec.mean, spec.std) for p in batch]
+                ).to(device)
+                taps = model.taps(x)
                 if kind == "patch":
-                    out.append(aggregate(layer2, layer3).float().cpu())
+                    out.append(aggregate(taps, spec.dim).float().cpu())
                 else:
-                    out.append(model.layer4(layer3).mean((2, 3)).float().cpu())
+                    out.append(model.pooled(taps).float().cpu())
                 bar.update(len(batch))
     finally:
         torch.backends.cudnn.allow_tf32 = tf32
@@ -216,16 +146,18 @@ def extract_features(
 
 
 def feature_key(images: ImageSet, **settings) -> str:
-    """Hash of everything that changes the features: files (path, size, mtime) and settings."""
+    """Hash of everything that changes the features: files (path, size, mtime), the backbone
+    (name, taps, width, input normalisation, weights) and the preprocessing settings."""
     files = [
         (str(Path(p).resolve()), os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in images.paths
     ]
-    settings["weights"] = weights_identity(settings["weights"], settings["seed"])
+    spec = get_backbone(settings["backbone"])
+    settings["weights"] = weights_identity(spec.name, settings["weights"], settings["seed"])
     record = {
         "version": FEATURE_VERSION,
-        "backbone": "wide_resnet50_2",
-        "layers": [2, 3],
-        "dim": FEATURE_DIM,
+        "taps": spec.taps,
+        "dim": spec.dim,
+        "normalisation": [spec.mean, spec.std],
         "files": files,
         **settings,
     }
@@ -233,7 +165,7 @@ def feature_key(images: ImageSet, **settings) -> str:
 
 
 def receptive_field(
-    model: torch.nn.Module, x: torch.Tensor, row: int, col: int
+    model: torch.nn.Module, x: torch.Tensor, row: int, col: int, dim: int | None = None
 ) -> tuple[np.ndarray, tuple[int, int, int, int]]:
     """What one patch feature "sees": the gradient of its norm with respect to the input pixels.
 
@@ -243,11 +175,13 @@ def receptive_field(
 
     Parameters
     ----------
-    model : the backbone of :func:`build_backbone`
+    model : a network of :func:`patchlab.backbones.build_backbone`
     x : torch.Tensor, shape (3, S, S)
         One preprocessed image.
     row, col : int
         The patch position on the (S / 8, S / 8) feature grid.
+    dim : int, optional
+        The backbone's feature width (:func:`aggregate`).
 
     Returns
     -------
@@ -258,7 +192,7 @@ def receptive_field(
     """
     inp = x[None].clone().requires_grad_(True)
     with torch.enable_grad():
-        feature = aggregate(*backbone_layers(model, inp))[0, row, col]
+        feature = aggregate(model.taps(inp), dim)[0, row, col]
         feature.norm().backward()
     weight = inp.grad[0].abs().sum(0)
     rows = torch.nonzero(weight.sum(1)).flatten()

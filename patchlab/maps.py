@@ -1,7 +1,7 @@
 """From patch scores to anomaly maps and image scores.
 
 patch grid (28 x 28) --bilinear--> 224 x 224 --Gaussian, sigma = 4--> anomaly map
-image score: Eq. 3 (PatchCore's re-weighted maximum) or the plain maximum
+image score: the maximum, re-weighted as PatchCore does (the paper's Eq. 3), or plain
 """
 
 from __future__ import annotations
@@ -11,9 +11,10 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from patchlab.knn import Neighbours
+from patchlab.knn import Neighbours, knn
 
-IMAGE_SCORES = ("eq3", "max")
+# the first is the default: chosen by measurement (docs/results.md, "Image scores")
+IMAGE_SCORES = ("patchcore", "eq3", "max")
 
 
 def anomaly_maps(patch_scores: torch.Tensor, size: int = 224, sigma: float = 4.0) -> np.ndarray:
@@ -39,29 +40,84 @@ def anomaly_maps(patch_scores: torch.Tensor, size: int = 224, sigma: float = 4.0
     return maps.astype(np.float32, copy=False)
 
 
-def image_scores(
+def support_distances(
     patch_scores: torch.Tensor,
-    neighbours: Neighbours | None = None,
-    mode: str = "eq3",
+    features: torch.Tensor,
+    neighbours: Neighbours,
     b: int = 9,
-) -> np.ndarray:
-    """One anomaly score per image.
+    bank_rows: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """What Eq. 3 weighs a* with: the distances from each image's top patch to the b nearest
+    bank features of *its* nearest bank feature.
 
-    ``"max"``: a = max over the image's patches of the patch score.
-
-    ``"eq3"`` (the paper's Eq. 3, as PatchCore): with f* the patch of maximal score a*, and
-    N(f*) its b nearest bank features (from the neighbour table),
-
-        a = (1 - exp(a*) / sum_{f in N(f*)} exp(dist(f*, f))) * a*
-
-    computed as ``1 - exp(a* - logsumexp(dist))`` so that large distances cannot overflow.
+    For image i, f_i* is the patch of maximal score a_i*, f* its nearest bank feature (the
+    first column of its table row) and N_b(f*) the b nearest bank features of f*, f* itself
+    first (PatchCore's "support samples"). The query's own entries stay excluded as in the
+    table (``self``/``nearest``: f_i* itself; ``image``: every patch of image i).
 
     Parameters
     ----------
     patch_scores : torch.Tensor, shape (n, h, w)
-    neighbours : Neighbours, (n * h * w, k_max) table in the same patch order; needed for eq3
-    mode : {"eq3", "max"}
-    b : int, 1 <= b <= k_max
+    features : torch.Tensor, shape (n, h, w, d)
+    neighbours : Neighbours, (n * h * w, k_max) table of every patch against the bank
+    b : int, >= 1
+    bank_rows : torch.Tensor, shape (m,), int64, optional
+        The patches that form the bank (a coreset); None when every patch does.
+
+    Returns
+    -------
+    torch.Tensor, shape (n, b), float64, on the CPU
+        dist(f_i*, m) for m in N_b(f*), column 0 being m = f*.
+    """
+    n, h, w, d = features.shape
+    flat = features.reshape(n * h * w, d)
+    bank = flat if bank_rows is None else flat[bank_rows.to(flat.device)]
+    bank_ids = torch.arange(n * h * w) if bank_rows is None else bank_rows.cpu()
+    if not 1 <= b <= len(bank):
+        raise ValueError(f"b={b} must lie in [1, {len(bank)} bank features]")
+    top = patch_scores.reshape(n, -1).argmax(1) + torch.arange(n) * h * w  # f_i*, patch index
+    f_star = bank[neighbours.indices[top, 0].to(flat.device)]  # (n, d) nearest bank feature
+    exclude = {"nearest": "self"}.get(neighbours.exclude, neighbours.exclude)
+    groups = torch.arange(n).repeat_interleave(h * w)
+    support = knn(  # N_b(f*): f* is found first (distance 0), as it is not the query
+        f_star,
+        b,
+        bank,
+        exclude=exclude,
+        query_ids=top,
+        bank_ids=bank_ids,
+        query_groups=torch.arange(n),
+        bank_groups=groups[bank_ids],
+        progress=False,
+    )
+    members = bank[support.indices.to(flat.device)].double()  # (n, b, d)
+    return (flat[top.to(flat.device)].double()[:, None] - members).norm(dim=2).cpu()
+
+
+def image_scores(
+    patch_scores: torch.Tensor, mode: str = "patchcore", support: torch.Tensor | None = None
+) -> np.ndarray:
+    """One anomaly score per image.
+
+    With a_i* the maximal patch score of image i, f_i* that patch, f* its nearest bank feature
+    and D_m = dist(f_i*, m) for m in N_b(f*) (:func:`support_distances`, f* first):
+
+    ``"max"``:        a_i = a_i*
+    ``"patchcore"``:  a_i = (1 - exp(D_f*) / sum_{m in N_b(f*)} exp(D_m)) * a_i*
+                      PatchCore's re-weighting, the function the paper says Eq. 3 is; the
+                      weight lies in [0, 1) because f* is in N_b(f*).
+    ``"eq3"``:        a_i = (1 - exp(a_i*) / sum_{m in N_b(f*)} exp(D_m)) * a_i*
+                      Eq. 3 as printed. For PatchCore a_i* = D_f* and the two agree; for
+                      PatchCluster a_i* is a mean of K distances, the weight turns negative
+                      once a_i* > log sum exp(D) and the ranking of those images inverts.
+
+    The ratios are computed as exp(x - logsumexp(D)), so large distances cannot overflow.
+
+    Parameters
+    ----------
+    patch_scores : torch.Tensor, shape (n, h, w)
+    mode : {"patchcore", "eq3", "max"}
+    support : torch.Tensor, shape (n, b), float64; needed unless mode is "max"
 
     Returns
     -------
@@ -69,15 +125,11 @@ def image_scores(
     """
     if mode not in IMAGE_SCORES:
         raise ValueError(f"image score mode={mode!r} is unknown; choose one of {IMAGE_SCORES}")
-    flat = patch_scores.reshape(patch_scores.shape[0], -1).double()
-    a_star, where = flat.max(1)
+    a_star = patch_scores.reshape(patch_scores.shape[0], -1).double().amax(1).cpu()
     if mode == "max":
         return a_star.numpy()
-    if neighbours is None:
-        raise ValueError("image score 'eq3' needs the neighbour table; use mode='max'")
-    if not 1 <= b <= neighbours.k:
-        raise ValueError(f"b={b} must lie in [1, k_max={neighbours.k}] of the neighbour table")
-    patch_index = torch.arange(flat.shape[0]) * flat.shape[1] + where  # f* of every image
-    dist = neighbours.distances[patch_index, :b].double()  # dist(f*, f), f in N(f*)
-    weight = 1.0 - torch.exp(a_star - torch.logsumexp(dist, 1))
+    if support is None:
+        raise ValueError(f"image score {mode!r} needs support_distances(); use mode='max'")
+    numerator = support[:, 0] if mode == "patchcore" else a_star
+    weight = 1.0 - torch.exp(numerator - torch.logsumexp(support, 1))
     return (weight * a_star).numpy()

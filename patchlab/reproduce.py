@@ -41,8 +41,12 @@ FIELDS = (
     "k_img",
     *METRICS,
     "image_auroc_max",
+    "image_auroc_patchcore",
+    "image_auroc_eq3",
+    "negative_weights",
     "seconds",
 )
+SCORE_RULES = ("max", "patchcore", "eq3")  # the image-score columns of the CSV
 
 
 @dataclass(frozen=True)
@@ -168,12 +172,19 @@ def reproduce(
             "exclude": row.exclude,
             "k_img": k_img,
             **{m: metrics[m] for m in METRICS},
-            # the plain-max image score (methods without a neighbour table use it anyway)
-            "image_auroc_max": metrics.get("image_auroc_max", metrics["image_auroc"]),
+            # the image AUROC under every image-score rule (methods without a neighbour
+            # table have only the plain maximum: the same value in every column)
+            **{
+                f"image_auroc_{rule}": metrics.get("image_auroc_by_score", {}).get(
+                    rule, metrics["image_auroc"]
+                )
+                for rule in SCORE_RULES
+            },
+            "negative_weights": metrics["negative_weights"],
             "seconds": round(time.perf_counter() - t0, 2),
         }
         _append(csv_path, record)
-    (out / f"table{table}.md").write_text(markdown(csv_path, table, title) + "\n")
+    (out / f"table{table}.md").write_text(markdown(csv_path, table, title, base.image_score) + "\n")
     return out
 
 
@@ -198,7 +209,7 @@ def _blind_cell(data, category, setting, row, rows, base, prepared) -> tuple[dic
         setting=setting,
         method=row.method,
         k=row.k,
-        k_max=max(*same, base.b),
+        k_max=max(same),
         coreset=row.coreset,
         exclude=table_exclude(row),
     )
@@ -236,7 +247,7 @@ def _one_class_cell(data, category, row, base, progress) -> dict:
         bank = bank[
             greedy_coreset(bank.to(device), row.coreset, seed=config.seed, progress=progress).cpu()
         ]
-    k_max = max(row.k, config.b)
+    k_max = row.k
     table = knn(
         test_f.reshape(-1, d).to(device),
         k_max,
@@ -272,10 +283,12 @@ def combine(parts: list[str | Path], table: int, out: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     csv_path = out / f"table{table}.csv"
     csv_path.unlink(missing_ok=True)
-    (out / f"table{table}.json").write_text(settings.pop())
+    shared = settings.pop()
+    (out / f"table{table}.json").write_text(shared)
     for record in rows:
         _append(csv_path, record)
-    (out / f"table{table}.md").write_text(markdown(csv_path, table, TABLES[table][0]) + "\n")
+    rule = json.loads(shared)["image_score"]
+    (out / f"table{table}.md").write_text(markdown(csv_path, table, TABLES[table][0], rule) + "\n")
     return out
 
 
@@ -314,9 +327,10 @@ def _append(path: Path, record: dict) -> None:
         f.flush()
 
 
-def markdown(csv_path: Path, table: int, title: str) -> str:
+def markdown(csv_path: Path, table: int, title: str, image_score: str) -> str:
     """The table in the paper's shape: one line per row label, (setting x metric) columns,
-    the mean over categories (table 3: one line per category)."""
+    the mean over categories (table 3: one line per category); then the image AUROC under
+    every image-score rule."""
     with open(csv_path, newline="") as f:
         records = list(csv.DictReader(f))
     settings = list(dict.fromkeys(r["setting"] for r in records))
@@ -324,44 +338,41 @@ def markdown(csv_path: Path, table: int, title: str) -> str:
     if by == "row":  # the table's own row order, whatever order the cells were computed in
         order = {row.label: i for i, row in enumerate(TABLES[table][1])}
         records.sort(key=lambda r: order.get(r["row"], len(order)))
+    labels = list(dict.fromkeys(r[by] for r in records))
+
+    def mean(label: str, setting: str, column: str) -> str:
+        vals = [
+            float(r[column])
+            for r in records
+            if r[by] == label
+            and r["setting"] == setting
+            and r.get(column) not in ("", "None", None)
+        ]
+        return f"{np.mean(vals):.3f}" if vals else "n/a"
+
     lines = [
         f"Table {table}: {title}; mean over {len({r['category'] for r in records})} "
-        "categories (image AUROC / pixel AUROC / PRO; n/a where undefined).",
+        f"categories (image AUROC with image score {image_score!r} / pixel AUROC / PRO; n/a "
+        "where undefined).",
         "",
     ]
     head = " | ".join(f"{s} I-AUROC | {s} P-AUROC | {s} PRO" for s in settings)
     lines += [f"| {by} | {head} |", "|---" * (1 + 3 * len(settings)) + "|"]
-    for label in dict.fromkeys(r[by] for r in records):
-        cells = []
-        for s in settings:
-            chosen = [r for r in records if r[by] == label and r["setting"] == s]
-            for m in METRICS:
-                vals = [float(r[m]) for r in chosen if r[m] not in ("", "None")]
-                cells.append(f"{np.mean(vals):.3f}" if vals else "n/a")
+    for label in labels:
+        cells = [mean(label, s, m) for s in settings for m in METRICS]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    if records and "image_auroc_max" in records[0] and any(s != "ano" for s in settings):
-        # Eq. 3 can invert the ranking of PatchCluster (its a* is a mean of K distances)
+    shown = [s for s in settings if s != "ano"]
+    if records and shown:
         lines += [
             "",
-            "Image AUROC with the plain maximum as image score (the table above uses "
-            "Eq. 3 wherever a neighbour table exists):",
+            "Image AUROC under each image-score rule (max: the plain maximum; patchcore: "
+            "PatchCore's re-weighting; eq3: Eq. 3 as printed). Methods without a neighbour "
+            "table always use the maximum:",
             "",
+            f"| {by} | " + " | ".join(f"{s} {rule}" for s in shown for rule in SCORE_RULES) + " |",
+            "|---" * (1 + len(shown) * len(SCORE_RULES)) + "|",
         ]
-        shown = [s for s in settings if s != "ano"]
-        lines += [
-            f"| {by} | " + " | ".join(f"{s} I-AUROC (max)" for s in shown) + " |",
-            "|---" * (1 + len(shown)) + "|",
-        ]
-        for label in dict.fromkeys(r[by] for r in records):
-            cells = []
-            for s in shown:
-                vals = [
-                    float(r["image_auroc_max"])
-                    for r in records
-                    if r[by] == label
-                    and r["setting"] == s
-                    and r["image_auroc_max"] not in ("", "None")
-                ]
-                cells.append(f"{np.mean(vals):.3f}" if vals else "n/a")
+        for label in labels:
+            cells = [mean(label, s, f"image_auroc_{rule}") for s in shown for rule in SCORE_RULES]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -32,8 +32,13 @@ def test_run_writes_metrics_scores_and_maps(tiny_demo, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n_images"] == 9 and metrics["n_patches"] == 9 * 28 * 28
     assert set(metrics["seconds"]) >= {"features", "neighbours", "scores"}
-    # Eq. 3 (the image score used) is reported beside the plain max, with its negative weights
-    assert 0 <= metrics["image_auroc_max"] <= 1 and 0 <= metrics["eq3_negative"] <= 9
+    # the configured image score is reported beside every other rule and its negative weights
+    by_score = metrics["image_auroc_by_score"]
+    assert set(by_score) == {"patchcore", "eq3", "max"} and metrics["negative_weights"] == 0
+    assert metrics["image_auroc"] == by_score[metrics["image_score"]] == by_score["patchcore"]
+    # the pretrained offline backbone by default, recorded with its feature width
+    assert metrics["backbone"] == "efficientnet_lite0" and metrics["weights"] == "imagenet"
+    assert metrics["feature_dim"] == 152 and metrics["config"]["backbone"] == "efficientnet_lite0"
     maps = np.load(out / "maps.npz")
     assert maps["maps"].shape == (9, 224, 224) and maps["maps"].dtype == np.float32
     assert maps["masks"].dtype == np.uint8 and len(maps["paths"]) == 9
@@ -123,7 +128,7 @@ def test_every_method_runs_from_the_command_line(tiny_demo, tmp_path, extra):
         ratio = float(extra[extra.index("--coreset") + 1])
         assert metrics["n_bank"] == int(metrics["n_patches"] * ratio)
     uses_table = extra[1] in ("patchcluster", "patchcore", "patchcore_lof")
-    assert metrics["image_score"] == ("eq3" if uses_table else "max")
+    assert metrics["image_score"] == ("patchcore" if uses_table else "max")
 
 
 def test_coreset_and_lof_bad_arguments(tiny_demo, tmp_path, capsys):
@@ -150,3 +155,33 @@ def test_missing_weights_file_is_named(tiny_demo, tmp_path, capsys):
     ]
     assert main(argv) == 2
     assert "nope.pth does not exist" in capsys.readouterr().err
+
+
+def test_reproduce_without_the_papers_weights_names_the_file_and_the_way_out(
+    tiny_demo, tmp_path, capsys, monkeypatch
+):
+    """`patchlab reproduce` keeps the paper's backbone; offline its weights are missing."""
+    import torch
+    import torchvision
+
+    from patchlab.backbones import WRN_IMAGENET_FILE
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+
+    def offline(*args, **kwargs):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline)
+    argv = ["reproduce", str(tiny_demo), "--table", "5", "--settings", "ano"]
+    assert main([*argv, "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1
+    assert str(tmp_path / "hub" / "checkpoints" / WRN_IMAGENET_FILE) in err
+    assert "--backbone efficientnet_lite0" in err
+
+
+def test_random_weights_run_and_are_recorded(tiny_demo, tmp_path):
+    argv = ["run", str(tiny_demo), "--category", "brick", "--out", str(tmp_path), "--quiet"]
+    assert main(argv + ["--weights", "none", "--k", "3"]) == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["weights"] == "none" and metrics["feature_dim"] == 152

@@ -5,10 +5,12 @@ import pytest
 from patchlab import reproduce as rep
 from patchlab.cli import main
 
+LITE = ["reproduce", "--backbone", "efficientnet_lite0"]  # the default is offline here
+
 
 def reproduce_args(data, table, setting, out):
     """``patchlab reproduce`` of one table and one blind setting, quietly."""
-    args = ["reproduce", str(data), "--table", str(table), "--settings", setting]
+    args = [*LITE, str(data), "--table", str(table), "--settings", setting]
     return [*args, "--out", str(out), "--quiet"]
 
 
@@ -18,21 +20,22 @@ def rows_of(path):
 
 
 def test_table2_has_every_method_and_setting(tiny_demo, tmp_path):
-    assert (
-        main(["reproduce", str(tiny_demo), "--table", "2", "--out", str(tmp_path), "--quiet"]) == 0
-    )
+    assert main([*LITE, str(tiny_demo), "--table", "2", "--out", str(tmp_path), "--quiet"]) == 0
     rows = rows_of(tmp_path / "table2.csv")
     assert len(rows) == len(rep.PAPER_METHODS) * 3
     for r in rows:
         assert 0 <= float(r["pixel_auroc"]) <= 1 and 0 <= float(r["pro"]) <= 1
         assert (r["image_auroc"] == "") == (r["setting"] == "ano")  # undefined without goods
-        assert (r["image_auroc_max"] == "") == (r["setting"] == "ano")
+        for rule in rep.SCORE_RULES:
+            assert (r[f"image_auroc_{rule}"] == "") == (r["setting"] == "ano")
         if r["method"] in ("padim", "spade", "mutual"):  # no table: the max is the score
-            assert r["image_auroc_max"] == r["image_auroc"]
+            assert r["image_auroc_max"] == r["image_auroc_patchcore"] == r["image_auroc"]
+        elif r["setting"] != "ano":  # the configured rule is the table's image AUROC
+            assert r["image_auroc_patchcore"] == r["image_auroc"]
     spade = [r for r in rows if r["method"] == "spade"]
     assert {int(r["k_img"]) for r in spade} == {8, 5, 2}  # n_images - 1 on this tiny set
     md = (tmp_path / "table2.md").read_text()
-    assert "PatchCluster-25%" in md and "mix P-AUROC" in md and "I-AUROC (max)" in md
+    assert "PatchCluster-25%" in md and "mix P-AUROC" in md and "test patchcore | test eq3" in md
 
 
 def test_resume_skips_finished_cells(tiny_demo, tmp_path, monkeypatch):
@@ -54,9 +57,7 @@ def test_resume_skips_finished_cells(tiny_demo, tmp_path, monkeypatch):
 
 
 def test_table4_is_one_class(tiny_demo, tmp_path):
-    assert (
-        main(["reproduce", str(tiny_demo), "--table", "4", "--out", str(tmp_path), "--quiet"]) == 0
-    )
+    assert main([*LITE, str(tiny_demo), "--table", "4", "--out", str(tmp_path), "--quiet"]) == 0
     rows = rows_of(tmp_path / "table4.csv")
     assert {r["setting"] for r in rows} == {"one-class"} and len(rows) == 4
 

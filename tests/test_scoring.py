@@ -7,8 +7,8 @@ from scipy import ndimage
 from scipy.special import logsumexp
 from sklearn.neighbors import NearestNeighbors
 
-from patchlab.knn import Neighbours, knn
-from patchlab.maps import anomaly_maps, image_scores
+from patchlab.knn import knn
+from patchlab.maps import anomaly_maps, image_scores, support_distances
 from patchlab.methods import ScoringInputs, patchcluster, patchcore, score_patches
 
 
@@ -58,19 +58,94 @@ def test_maps_are_bilinear_then_gaussian():
     assert smooth.dtype == np.float32 and smooth.shape == (2, 224, 224)
 
 
-def test_image_score_eq3_and_max():
+def _support_brute_force(feats, patch, bank_rows, exclude, b):
+    """N_b(f*) by a float64 loop: f_i* the top patch, f* its nearest allowed bank feature,
+    then the b nearest allowed bank features of f* (f* itself first)."""
+    n, h, w, d = feats.shape
+    flat = feats.reshape(-1, d).double()
+    rows = torch.arange(n * h * w) if bank_rows is None else bank_rows
+    out = []
+    for i in range(n):
+        top = i * h * w + int(patch[i].flatten().argmax())
+        allowed = [
+            int(r)
+            for r in rows
+            if exclude == "none"
+            or (exclude in ("self", "nearest") and int(r) != top)
+            or (exclude == "image" and int(r) // (h * w) != i)
+        ]
+        to_top = (flat[allowed] - flat[top]).norm(dim=1)
+        star = allowed[int(to_top.argmin())]
+        order = torch.argsort((flat[allowed] - flat[star]).norm(dim=1), stable=True)[:b]
+        members = [allowed[j] for j in order]
+        assert members[0] == star
+        out.append([float((flat[top] - flat[m]).norm()) for m in members])
+    return np.array(out)
+
+
+@pytest.mark.parametrize("exclude", ["self", "nearest", "image", "none"])
+@pytest.mark.parametrize("coreset", [False, True])
+def test_support_distances_match_a_brute_force(exclude, coreset):
+    g = torch.Generator().manual_seed(3)
+    feats = torch.randn(4, 3, 3, 5, generator=g)
+    patch = torch.rand(4, 3, 3, generator=g)
+    n_all = 36
+    bank_rows = torch.sort(torch.randperm(n_all, generator=g)[:20]).values if coreset else None
+    groups = torch.arange(4).repeat_interleave(9)
+    flat = feats.reshape(-1, 5)
+    if coreset:
+        table = knn(
+            flat,
+            3,
+            flat[bank_rows],
+            exclude=exclude,
+            query_ids=torch.arange(n_all),
+            bank_ids=bank_rows,
+            query_groups=groups,
+            bank_groups=groups[bank_rows],
+            progress=False,
+        )
+    else:
+        table = knn(flat, 3, exclude=exclude, query_groups=groups, progress=False)
+    got = support_distances(patch, feats, table, b=4, bank_rows=bank_rows)
+    want = _support_brute_force(feats, patch, bank_rows, exclude, 4)
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_image_score_rules():
     g = torch.Generator().manual_seed(1)
-    scores = torch.rand(3, 4, 4, generator=g) * 50  # large: exp() would overflow in float32
-    dist = torch.sort(torch.rand(48, 6, generator=g) * 60 + 20, 1).values
-    table = Neighbours(dist, torch.zeros(48, 6, dtype=torch.long), "self")
-    got = image_scores(scores, table, "eq3", b=4)
-    for i in range(3):
-        flat = scores[i].flatten().double().numpy()
-        star = int(flat.argmax())
-        a = flat[star]
-        d = dist[i * 16 + star, :4].double().numpy()
-        expect = (1 - np.exp(a - logsumexp(d))) * a  # exp(a) / sum exp(d), overflow-free
-        assert got[i] == pytest.approx(float(expect), rel=1e-9)
-    np.testing.assert_allclose(image_scores(scores, mode="max"), scores.amax((1, 2)).numpy())
-    with pytest.raises(ValueError, match="b=7 must lie in"):
-        image_scores(scores, table, "eq3", b=7)
+    scores = torch.rand(3, 4, 4, generator=g) * 50 + 40  # large: exp() would overflow in float32
+    support = torch.sort(torch.rand(3, 6, generator=g, dtype=torch.float64) * 3 + 40, 1).values
+    a = scores.reshape(3, -1).amax(1).double().numpy()
+    d = support.numpy()
+    # PatchCore's weight: 1 - exp(D_f*) / sum exp(D), overflow-free, always in [0, 1)
+    expect = (1 - np.exp(d[:, 0] - logsumexp(d, 1))) * a
+    np.testing.assert_allclose(image_scores(scores, "patchcore", support), expect, rtol=1e-9)
+    weight = expect / a
+    assert ((weight >= 0) & (weight < 1)).all()
+    # Eq. 3 as printed: exp(a*) in the numerator; negative once a* > logsumexp(D)
+    literal = (1 - np.exp(a - logsumexp(d, 1))) * a
+    np.testing.assert_allclose(image_scores(scores, "eq3", support), literal, rtol=1e-9)
+    assert (literal < 0).any() and (literal > 0).any()
+    np.testing.assert_allclose(image_scores(scores, "max"), a)
+    with pytest.raises(ValueError, match="needs support_distances"):
+        image_scores(scores, "patchcore")
+    with pytest.raises(ValueError, match="mode='mean' is unknown"):
+        image_scores(scores, "mean")
+
+
+def test_patchcore_and_literal_eq3_agree_for_patchcore_scores():
+    """For PatchCore a* = dist(f_i*, f*): the printed Eq. 3 is PatchCore's re-weighting."""
+    g = torch.Generator().manual_seed(5)
+    feats = torch.randn(5, 4, 4, 8, generator=g)
+    table = knn(feats.reshape(-1, 8), 9, progress=False)
+    patch = table.distances[:, 0].reshape(5, 4, 4)
+    support = support_distances(patch, feats, table, b=9)
+    torch.testing.assert_close(
+        support[:, 0], patch.reshape(5, -1).amax(1).double(), rtol=1e-5, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        image_scores(patch, "eq3", support), image_scores(patch, "patchcore", support), rtol=1e-5
+    )
+    with pytest.raises(ValueError, match="b=81 must lie in"):
+        support_distances(patch, feats, table, b=81)
