@@ -9,7 +9,7 @@ each category's Test set, computes the self-kNN table once (K up to 25, exclude 
 prints PatchCluster K = 25 and PatchCore metrics (image AUROC with the plain maximum, pixel
 AUROC, PRO) and the feature time per image; then the mean over categories. Each variant is
 compared with the others under the same kNN, maps and metrics. The ImageNet check (top-1 of
-scikit-image's chelsea and coffee, and their probability) is printed for each normalisation.
+scikit-image's chelsea and coffee and scikit-learn's flower, and their probability) is printed for each normalisation.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 from skimage import data as skdata
+from sklearn.datasets import load_sample_image
 
 from patchlab.backbones import BACKBONES, EfficientNetLite0Taps, build_backbone
 from patchlab.config import RunConfig
@@ -54,7 +55,12 @@ def imagenet_check(norm: str) -> str:
     model = build_backbone("efficientnet_lite0", "imagenet")
     mean, std = NORMS[norm]
     out = []
-    for name, arr, cls in (("chelsea", skdata.chelsea(), 285), ("coffee", skdata.coffee(), 967)):
+    photos = (
+        ("chelsea", skdata.chelsea(), 285),  # Egyptian cat
+        ("coffee", skdata.coffee(), 967),  # espresso
+        ("flower", load_sample_image("flower.jpg"), 985),  # daisy
+    )
+    for name, arr, cls in photos:
         x = preprocess(Image.fromarray(arr).convert("RGB"), 256, 224, mean, std)
         with torch.inference_mode():
             p = model(x[None]).softmax(1)[0]
@@ -88,7 +94,9 @@ def main() -> None:
     )
     args = parser.parse_args()
     root = make_demo_data(demo_path()) if args.data is None else args.data
-    print(f"torch threads {torch.get_num_threads()}; default {BACKBONES['efficientnet_lite0'].taps}")
+    print(
+        f"torch threads {torch.get_num_threads()}; default {BACKBONES['efficientnet_lite0'].taps}"
+    )
     for norm in NORMS:
         print(f"ImageNet check, {norm} normalisation: {imagenet_check(norm)}")
     rows = []
@@ -121,7 +129,9 @@ def main() -> None:
                     flush=True,
                 )
     print("\nmean over categories (PatchCluster K=25 | PatchCore)")
-    print("| variant | d | image AUROC | pixel AUROC | PRO | PatchCore pixel AUROC | PRO | ms/img |")
+    print(
+        "| variant | d | image AUROC | pixel AUROC | PRO | PatchCore pixel AUROC | PRO | ms/img |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for text in args.variants:
         mine = [r for r in rows if r[0] == text]

@@ -87,5 +87,6 @@ def brute_float64(bank: torch.Tensor, k: int, rows: int = 2048) -> torch.Tensor:
         out[s : s + rows] = d.topk(k, dim=1, largest=False).indices.sort(1).values.cpu()
     return out
 
+
 if __name__ == "__main__":
     main()

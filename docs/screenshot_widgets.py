@@ -13,8 +13,8 @@ readout (10 -> 25, the widget re-scores the stored neighbour table), picks "anom
 in the explorer's dropdown and hovers the patch's nearest neighbour in the UMAP, waits for the
 figures to redraw and screenshots each output cell.
 
-The run is the demo brick category (Test setting) with seeded random weights (``none``):
-ImageNet weights could not be downloaded where the images were made. Options: ``--chromium``
+The run is the demo brick category (Test setting) with the default backbone, EfficientNet-Lite0
+with its ImageNet weights (installed with patchlab, offline). Options: ``--chromium``
 (the browser binary, default ``/usr/bin/chromium``), ``--port`` (default 8899), ``--out``.
 playwright is not in the package's extras: it needs a browser that CI does not have.
 """
@@ -44,8 +44,7 @@ from patchlab.experiment import run
 
 DATA = make_demo_data(demo_path().parent / "demo_small", categories=["brick"],
                       n_train=10, n_test_good=10, n_defective=12)
-config = RunConfig(data=str(DATA), category="brick", setting="test", weights="none",
-                   k=10, k_max=50)
+config = RunConfig(data=str(DATA), category="brick", setting="test", k=10, k_max=50)
 result = run(config, progress=False)"""
 
 SCORING = """\

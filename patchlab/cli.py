@@ -174,9 +174,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         )
         rows.append((f"{category} patchcore", core.metrics))
     print(
-        f"\nweights={args.weights!r} setting={args.setting} exclude={args.exclude}"
+        f"\nbackbone={args.backbone} weights={args.weights!r} setting={args.setting} "
+        f"exclude={args.exclude} image_score={args.image_score}"
         + (
-            " (random weights; image_auroc: Eq. 3, max_auroc: plain max; see README)"
+            " (random weights: the numbers test the pipeline, not the method)"
             if args.weights == "none"
             else ""
         )
@@ -186,7 +187,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _format_table(rows: list[tuple[str, dict]]) -> str:
-    """image_auroc uses the configured image score (Eq. 3 by default); max_auroc the plain max."""
+    """image_auroc uses the configured image score; max_auroc the plain maximum."""
 
     def cell(value) -> str:
         return "  n/a" if value is None else f"{value:.3f}"
@@ -194,8 +195,9 @@ def _format_table(rows: list[tuple[str, dict]]) -> str:
     width = max(len(name) for name, _ in rows)
     lines = [f"{'run':<{width}}  image_auroc  max_auroc  pixel_auroc    pro"]
     for name, m in rows:
+        plain = m.get("image_auroc_by_score", {}).get("max", m["image_auroc"])
         lines.append(
-            f"{name:<{width}}  {cell(m['image_auroc']):>11}  {cell(m.get('image_auroc_max')):>9}"
+            f"{name:<{width}}  {cell(m['image_auroc']):>11}  {cell(plain):>9}"
             f"  {cell(m['pixel_auroc']):>11}  {cell(m['pro']):>5}"
         )
     return "\n".join(lines)

@@ -15,6 +15,7 @@ hovering a point shows its crop and source image.
 
 from __future__ import annotations
 
+import html
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -24,6 +25,7 @@ import numpy as np
 import plotly.graph_objects as go
 
 from patchlab import viz
+from patchlab.backbones import BACKBONES
 from patchlab.config import RunConfig
 from patchlab.data import SETTINGS, ImageSet, load_display
 from patchlab.experiment import Result, prepare, rescore
@@ -56,7 +58,7 @@ class ScoringWidget(_Displays):
     cols : images per row
     stride : show every ``stride``-th pixel of the maps
     pixel_metrics : start with pixel AUROC and PRO on (each update then sorts every pixel)
-    prepared : {(category, setting): (images, inputs, masks)} already computed
+    prepared : {(backbone, category, setting): (images, inputs, masks)} already computed
 
     Attributes
     ----------
@@ -80,11 +82,11 @@ class ScoringWidget(_Displays):
         cols: int = 4,
         stride: int = 2,
         pixel_metrics: bool = False,
-        prepared: dict[tuple[str | None, str], Prepared] | None = None,
+        prepared: dict[tuple[str, str | None, str], Prepared] | None = None,
     ) -> None:
         self.base = config
         self.n_show, self.cols, self.stride = n_show, cols, stride
-        self.prepared: dict[tuple[str | None, str], Prepared] = dict(prepared or {})
+        self.prepared: dict[tuple[str, str | None, str], Prepared] = dict(prepared or {})
         self._displays: dict[str, np.ndarray] = {}
         self._uris: dict[str, str] = {}
         if config.method not in methods:
@@ -109,13 +111,17 @@ class ScoringWidget(_Displays):
             description="setting",
         )
         self.category = W.Dropdown(options=cats, value=config.category, description="category")
+        self.backbone = W.Dropdown(
+            options=list(BACKBONES), value=config.backbone, description="backbone"
+        )
         self.pixel = W.Checkbox(value=pixel_metrics, description="pixel AUROC and PRO", style=style)
         self.status = W.HTML()
         self.log = W.Output()  # progress bars of prepare() appear here
         self.figure = go.FigureWidget()
         self.widget = W.VBox(
             [
-                W.HBox([self.category, self.setting, self.method]),
+                W.HBox([self.category, self.setting, self.backbone]),
+                W.HBox([self.method]),
                 W.HBox([self.k, self.image_score, self.pixel]),
                 self.status,
                 self.log,
@@ -129,6 +135,7 @@ class ScoringWidget(_Displays):
             self.pixel,
             self.setting,
             self.category,
+            self.backbone,
         ):
             control.observe(self._changed, names="value")
         self.update()
@@ -136,7 +143,7 @@ class ScoringWidget(_Displays):
     @classmethod
     def from_result(cls, result: Result, **kwargs) -> ScoringWidget:
         """A widget that starts from a run's result (its features and table are reused)."""
-        key = (result.config.category, result.config.setting)
+        key = (result.config.backbone, result.config.category, result.config.setting)
         prepared = {key: (result.images, result.inputs, result.masks)}
         config = result.config
         if result.inputs.neighbours is not None and config.k_max != result.inputs.neighbours.k:
@@ -152,15 +159,19 @@ class ScoringWidget(_Displays):
             image_score=self.image_score.value,
             setting=self.setting.value,
             category=self.category.value,
+            backbone=self.backbone.value,
             k_max=max(self.base.table_k, int(self.k.value)),
         )
 
-    def inputs(self, category: str | None, setting: str) -> Prepared:
-        """Images, scoring inputs and masks of (category, setting); computed on first use."""
-        key = (category, setting)
+    def inputs(self, backbone: str, category: str | None, setting: str) -> Prepared:
+        """Images, scoring inputs and masks of (backbone, category, setting); computed on
+        first use."""
+        key = (backbone, category, setting)
         if key not in self.prepared:
-            config = replace(self.config(), category=category, setting=setting)
-            self.status.value = f"computing features and neighbours for {category}/{setting}..."
+            config = replace(self.config(), backbone=backbone, category=category, setting=setting)
+            self.status.value = (
+                f"computing {backbone} features and neighbours for {category}/{setting}..."
+            )
             with self.log:
                 images, inputs, masks, _ = prepare(config, progress=True)
             self.log.clear_output()
@@ -173,7 +184,11 @@ class ScoringWidget(_Displays):
     def update(self) -> None:
         """Re-score with the controls' values and redraw the figure."""
         config = self.config()
-        images, inputs, masks = self.inputs(config.category, config.setting)
+        try:
+            images, inputs, masks = self.inputs(config.backbone, config.category, config.setting)
+        except (RuntimeError, ValueError, FileNotFoundError) as err:  # e.g. weights offline
+            self.status.value = f"<span style='color:#b00'>{html.escape(str(err))}</span>"
+            return
         t0 = time.perf_counter()
         result = rescore(config, images, inputs, masks, pixel_metrics=self.pixel.value)
         self.rescore_ms = (time.perf_counter() - t0) * 1e3

@@ -114,7 +114,8 @@ def test_support_distances_match_a_brute_force(exclude, coreset):
 
 def test_image_score_rules():
     g = torch.Generator().manual_seed(1)
-    scores = torch.rand(3, 4, 4, generator=g) * 50 + 40  # large: exp() would overflow in float32
+    # large scores (exp() would overflow in float32); image 0 below the support distances
+    scores = torch.rand(3, 4, 4, generator=g) * 5 + torch.tensor([30.0, 60.0, 90.0])[:, None, None]
     support = torch.sort(torch.rand(3, 6, generator=g, dtype=torch.float64) * 3 + 40, 1).values
     a = scores.reshape(3, -1).amax(1).double().numpy()
     d = support.numpy()

@@ -77,7 +77,7 @@ def test_k_slider_rescores_from_the_stored_table(result, monkeypatch):
     before = widget.figure.data[1].z.copy()
 
     def no_knn(*args, **kwargs):
-        raise AssertionError("moving K must not compute neighbours")
+        raise AssertionError("moving K must not compute the neighbour table")
 
     monkeypatch.setattr(knn, "knn", no_knn)
     monkeypatch.setattr(experiment, "knn", no_knn)
@@ -121,13 +121,36 @@ def test_setting_change_prepares_once_and_caches(result, monkeypatch):
     monkeypatch.setattr(widgets, "prepare", lambda *a, **k: calls.append(1) or real(*a, **k))
     widget.setting.value = "ano"  # 3 defective images: the grid shrinks to 3 cells
     assert len(calls) == 1 and len(widget.figure.data) == 3 * 3
-    images, inputs, masks = widget.prepared[("brick", "ano")]
+    images, inputs, masks = widget.prepared[("efficientnet_lite0", "brick", "ano")]
     direct = rescore(replace(result.config, setting="ano"), images, inputs, masks)
     _assert_figure_shows(widget, direct, np.argsort(-direct.image_scores, kind="stable"))
     assert widget.result.metrics["image_auroc"] is None  # every image is defective
     widget.setting.value = "test"
     widget.setting.value = "ano"
-    assert len(calls) == 1  # cached per (category, setting)
+    assert len(calls) == 1  # cached per (backbone, category, setting)
+
+
+def test_backbone_dropdown_reports_missing_weights_and_keeps_the_view(
+    result, monkeypatch, tmp_path
+):
+    import torch
+    import torchvision
+
+    from patchlab.widgets import explore
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+
+    def offline(*args, **kwargs):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline)
+    widget = explore(result, n_show=4)
+    before = widget.result
+    widget.backbone.value = "wide_resnet50_2"
+    assert "--backbone efficientnet_lite0" in widget.status.value
+    assert widget.result is before  # the last good view stays
+    widget.backbone.value = "efficientnet_lite0"
+    _assert_figure_shows(widget, *_expected(result))
 
 
 def test_neighbour_explorer_reads_the_table(result):
@@ -217,11 +240,12 @@ def test_patch_crop_and_receptive_field_figure():
 def test_receptive_field_grows_with_the_patch_position():
     import torch
 
-    from patchlab.features import build_backbone, receptive_field
+    from patchlab.backbones import build_backbone
+    from patchlab.features import receptive_field
 
-    model = build_backbone("none", seed=0)
+    model = build_backbone("efficientnet_lite0", "imagenet")
     x = torch.randn(3, 224, 224)
-    weight, (top, left, bottom, right) = receptive_field(model, x, 14, 14)
+    weight, (top, left, bottom, right) = receptive_field(model, x, 14, 14, dim=152)
     assert weight.shape == (224, 224) and weight.max() == pytest.approx(1.0)
     assert top < 14 * 8 < 15 * 8 < bottom and left < 14 * 8 < 15 * 8 < right
     assert weight[14 * 8 : 15 * 8, 14 * 8 : 15 * 8].mean() > weight.mean()
