@@ -9,7 +9,8 @@ each category's Test set, computes the self-kNN table once (K up to 25, exclude 
 prints PatchCluster K = 25 and PatchCore metrics (image AUROC with the plain maximum, pixel
 AUROC, PRO) and the feature time per image; then the mean over categories. Each variant is
 compared with the others under the same kNN, maps and metrics. The ImageNet check (top-1 of
-scikit-image's chelsea and coffee and scikit-learn's flower, and their probability) is printed for each normalisation.
+scikit-image's chelsea and coffee and scikit-learn's flower, and their probability) is printed
+for each normalisation.
 """
 
 from __future__ import annotations
