@@ -150,3 +150,23 @@ def test_patchcore_and_literal_eq3_agree_for_patchcore_scores():
     )
     with pytest.raises(ValueError, match="b=81 must lie in"):
         support_distances(patch, feats, table, b=81)
+
+
+def test_negative_eq3_weights_warn_and_are_counted(tiny_demo):
+    """Eq. 3 as printed, PatchCluster at large K: some weights turn negative; the run says so."""
+    from dataclasses import replace
+
+    from patchlab.config import RunConfig
+    from patchlab.experiment import rescore, run
+
+    config = RunConfig(data=str(tiny_demo), category="brick", setting="test", k=3, k_max=60)
+    base = run(config, progress=False)
+    literal = replace(config, k=60, image_score="eq3")
+    with pytest.warns(UserWarning, match="negative image-score weight under image_score='eq3'"):
+        result = rescore(literal, base.images, base.inputs, base.masks)
+    negative = result.metrics["negative_weights"]
+    assert negative == int((result.image_scores < 0).sum()) > 0
+    faithful = rescore(
+        replace(literal, image_score="patchcore"), base.images, base.inputs, base.masks
+    )
+    assert faithful.metrics["negative_weights"] == 0 and (faithful.image_scores >= 0).all()
