@@ -95,16 +95,15 @@ def main() -> None:
     )
     args = parser.parse_args()
     root = make_demo_data(demo_path()) if args.data is None else args.data
-    print(
-        f"torch threads {torch.get_num_threads()}; default {BACKBONES['efficientnet_lite0'].taps}"
-    )
+    default = BACKBONES["efficientnet_lite0"].tap_names
+    print(f"torch threads {torch.get_num_threads()}; default taps {default}")
     for norm in NORMS:
         print(f"ImageNet check, {norm} normalisation: {imagenet_check(norm)}")
     rows = []
     for text in args.variants:
         taps, dim, norm = parse_variant(text)
         model = EfficientNetLite0Taps(taps)
-        model.load_weights(BACKBONES["efficientnet_lite0"].imagenet())
+        model.load_weights(EfficientNetLite0Taps.imagenet_state_dict())
         model.eval()
         for category in args.categories:
             images = load_mvtec(root, category, args.setting)

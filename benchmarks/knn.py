@@ -30,7 +30,7 @@ import time
 import numpy as np
 
 DEFAULT_SIZES = ("20000x1536x100", "50000x1024x100", "50000x64x10")
-# torch-noskip: the CPU search without skipping block pairs (patchlab.knn.CPU_SKIP = False)
+# torch-noskip: the CPU search without skipping block pairs (Engine(skip=False))
 BACKENDS = (
     "torch",
     "torch-noskip",
@@ -92,14 +92,15 @@ def run_backend(
     if backend.startswith("torch") or backend == "keops":
         import torch
 
-        from patchlab.knn import knn
+        from patchlab.knn import Engine, knn
 
         name, _, precision = backend.partition("-")
+        skip = None
         if precision == "noskip":
-            patchlab.knn.CPU_SKIP = False
-            precision = "fp32"
+            skip, precision = False, "fp32"
         q = torch.from_numpy(x).to(device)
-        kw = dict(backend=name, precision=precision or "fp32", progress=False)
+        engine = Engine(backend=name, precision=precision or "fp32", skip=skip)
+        kw = dict(engine=engine, progress=False)
         if device == "cuda":  # warm-up: CUDA context, cuBLAS handles, KeOps compilation
             knn(q[:4096], k, exclude="self", **kw)
             torch.cuda.synchronize()
@@ -108,7 +109,7 @@ def run_backend(
             # time a slice of the queries first; skip the full size if it would run too long
             m = max(500, n // 50)
             t = time.perf_counter()
-            knn(q[:m], k, q, exclude="none", backend="keops", progress=False)
+            knn(q[:m], k, q, exclude="none", engine=engine, progress=False)
             if device == "cuda":
                 torch.cuda.synchronize()
             projected = (time.perf_counter() - t) * n / m

@@ -20,7 +20,7 @@ import torch
 
 from patchlab.data import load_mvtec
 from patchlab.features import extract_features, resolve_device
-from patchlab.knn import knn
+from patchlab.knn import Engine, knn
 
 
 def main() -> None:
@@ -48,7 +48,7 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
-        table = knn(bank, args.k, exclude="self", progress=False, **kw)
+        table = knn(bank, args.k, exclude="self", engine=Engine(**kw), progress=False)
         if device.type == "cuda":
             torch.cuda.synchronize()
         return table, time.perf_counter() - t

@@ -100,7 +100,7 @@ model = build_backbone(config.backbone, config.weights, config.seed)
 with torch.inference_mode():
     fine, coarse = model.taps(x[None])           # stride 8 and stride 16
     patches = aggregate([fine, coarse], spec.dim)
-print(f"{spec.taps[0]} {tuple(fine.shape)}  {spec.taps[1]} {tuple(coarse.shape)}  "
+print(f"{spec.tap_names[0]} {tuple(fine.shape)}  {spec.tap_names[1]} {tuple(coarse.shape)}  "
       f"patch features {tuple(patches.shape)}")"""),
     ("md", """\
 ## The two taps and the aggregated feature
@@ -114,12 +114,12 @@ several times larger and dominate them)."""),
 from patchlab import viz
 
 maps = {
-    f"{spec.taps[0]} mean |a| (28×28)": fine[0].abs().mean(0).numpy(),
-    f"{spec.taps[1]} mean |a| (14×14)": coarse[0].abs().mean(0).numpy(),
+    f"{spec.tap_names[0]} mean |a| (28×28)": fine[0].abs().mean(0).numpy(),
+    f"{spec.tap_names[1]} mean |a| (14×14)": coarse[0].abs().mean(0).numpy(),
     f"‖f(h, w)‖ (28×28, d={spec.dim})": patches[0].norm(dim=-1).numpy(),
 }
 viz.layer_maps_figure(picture, maps).show()
-print(f"{spec.taps[1]} / {spec.taps[0]} mean |activation|:",
+print(f"{spec.tap_names[1]} / {spec.tap_names[0]} mean |activation|:",
       round(float(coarse.abs().mean() / fine.abs().mean()), 2))"""),
     ("md", """\
 ## What one patch feature sees

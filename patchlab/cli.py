@@ -14,53 +14,34 @@ import sys
 import time
 from dataclasses import fields
 
-from patchlab.backbones import BACKBONES
 from patchlab.config import RunConfig
-from patchlab.data import SETTINGS
+from patchlab.data import BLIND_SETTINGS
 from patchlab.demo import DEMO_CATEGORIES, demo_path, make_demo_data
-from patchlab.knn import BACKENDS, EXCLUDE_MODES
-from patchlab.maps import IMAGE_SCORES
-from patchlab.methods import METHODS
+from patchlab.reproduce import TABLES
+
+PER_CELL = ("category", "setting", "bank_setting", "unlabeled", "method", "k", "k_max")
+PER_CELL += ("exclude", "coreset")  # what each cell of a `patchlab reproduce` table sets
+TYPES = {"int": int, "float": float, "str": str}
 
 
-def _add_method_options(p: argparse.ArgumentParser) -> None:
-    """The options a table of `patchlab reproduce` sets per cell itself."""
-    p.add_argument("--setting", default="test", choices=SETTINGS)
-    p.add_argument("--k", type=int, default=25, help="neighbours averaged (Eq. 2)")
-    p.add_argument("--k-max", type=int, default=None, help="neighbour table width")
-    p.add_argument("--exclude", default="self", choices=EXCLUDE_MODES)
-    p.add_argument("--coreset", type=float, default=1.0, help="bank fraction in (0, 1]")
-
-
-def _add_run_options(p: argparse.ArgumentParser, backbone: str = "efficientnet_lite0") -> None:
-    """Options shared by every command that runs the pipeline (one per RunConfig field)."""
-    p.add_argument(
-        "--backbone",
-        default=backbone,
-        choices=tuple(BACKBONES),
-        help=f"feature extractor (default {backbone})",
-    )
-    p.add_argument(
-        "--weights",
-        default="imagenet",
-        help="imagenet (default), none (seeded random: tests only), or a state-dict path",
-    )
-    p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
-    p.add_argument("--no-crop", action="store_true", help="resize to 224 without centre crop")
-    p.add_argument(
-        "--image-score",
-        default=IMAGE_SCORES[0],
-        choices=IMAGE_SCORES,
-        help="re-weighted maximum (patchcore: PatchCore's; eq3: as printed) or plain max",
-    )
-    p.add_argument("--b", type=int, default=9, help="neighbours of f* in Eq. 3")
-    p.add_argument("--sigma", type=float, default=4.0, help="Gaussian blur of the maps, pixels")
-    p.add_argument("--backend", default="auto", choices=BACKENDS)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--cache-dir", default=None)
-    p.add_argument("--k-img", type=int, default=50, help="SPADE: nearest images")
-    p.add_argument("--mutual-ratio", type=float, default=0.3, help="mutual: share of images")
+def add_config_options(p: argparse.ArgumentParser, skip: tuple[str, ...] = (), **defaults) -> None:
+    """One option per :class:`RunConfig` field (but ``data`` and ``skip``): its name, default,
+    help and choices come from the field, so the CLI cannot drift from the config."""
+    for f in fields(RunConfig):
+        if f.name == "data" or f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = defaults.get(f.name, f.default)
+        help_ = f.metadata["help"]
+        if f.type == "bool":
+            p.add_argument(flag, action="store_true", help=help_)
+            continue
+        kind = TYPES[f.type.split(" | ")[0]]
+        choices = f.metadata["choices"]
+        shown = "" if default is None else f" (default {default})"
+        p.add_argument(flag, type=kind, default=default, choices=choices, help=help_ + shown)
+    if "crop" not in skip:
+        p.add_argument("--no-crop", action="store_true", help="resize to 224 without centre crop")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -77,28 +58,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="score one image set and write maps, scores, metrics")
     run.add_argument("data", help="MVTec AD layout folder, or an image folder with --unlabeled")
-    run.add_argument("--category", default=None)
-    run.add_argument("--unlabeled", action="store_true", help="DATA is a plain image folder")
-    run.add_argument("--method", default="patchcluster", choices=sorted(METHODS))
     run.add_argument("--out", required=True, help="output folder")
-    _add_method_options(run)
-    _add_run_options(run)
+    add_config_options(run)
 
     demo = sub.add_parser("demo", help="run PatchCluster and PatchCore on the demo data")
     demo.add_argument("--data", default=None, help="demo data folder (default: data/demo)")
     demo.add_argument("--categories", nargs="+", default=list(DEMO_CATEGORIES))
-    _add_method_options(demo)
-    _add_run_options(demo)
+    add_config_options(demo, skip=("category", "bank_setting", "unlabeled", "method"))
 
     rep = sub.add_parser("reproduce", help="compute one of the paper's tables (2-7)")
     rep.add_argument("data", help="MVTec AD layout folder (categories, or one category)")
-    rep.add_argument("--table", type=int, required=True, choices=[2, 3, 4, 5, 6, 7])
+    rep.add_argument("--table", type=int, required=True, choices=sorted(TABLES))
     rep.add_argument("--out", required=True, help="output folder (CSV + markdown)")
     rep.add_argument("--categories", nargs="+", default=None)
-    rep.add_argument(
-        "--settings", nargs="+", default=["mix", "test", "ano"], choices=["mix", "test", "ano"]
-    )
-    _add_run_options(rep, backbone="wide_resnet50_2")  # the paper's
+    rep.add_argument("--settings", nargs="+", default=list(BLIND_SETTINGS), choices=BLIND_SETTINGS)
+    add_config_options(rep, skip=PER_CELL, backbone="wide_resnet50_2")  # the paper's
 
     data = sub.add_parser("demo-data", help="write the offline demo data set")
     data.add_argument("out")
@@ -119,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from patchlab.experiment import run, save_result
+    from patchlab.experiment import run
+    from patchlab.outputs import save_result
 
     result = run(_config(args), progress=not args.quiet)
     out = save_result(result, args.out)

@@ -1,14 +1,24 @@
-"""The one configuration object of a run: every setting that changes a result lives here."""
+"""The one configuration object of a run: every setting that changes a result lives here.
+
+Each field carries its command-line help (and its choices) as metadata, so :mod:`patchlab.cli`
+derives its options and defaults from this class: one source of truth. Names are validated by
+the registries that own them (backbones, methods, kNN engine, image scores).
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
-from patchlab.backbones import BACKBONES
+from patchlab.backbones import BACKBONES, get_backbone
 from patchlab.data import SETTINGS
-from patchlab.knn import BACKENDS, EXCLUDE_MODES
-from patchlab.maps import IMAGE_SCORES
-from patchlab.methods import METHODS
+from patchlab.knn import BACKENDS, EXCLUDE_MODES, PRECISIONS, Engine
+from patchlab.maps import IMAGE_SCORES, check_image_score
+from patchlab.methods import METHODS, get_method
+
+
+def option(default, help: str, choices=None):
+    """A field with its command-line help and choices (read by :mod:`patchlab.cli`)."""
+    return field(default=default, metadata={"help": help, "choices": choices})
 
 
 @dataclass(frozen=True)
@@ -22,7 +32,10 @@ class RunConfig:
     category : str, optional
         Category folder name under ``data``.
     setting : {"mix", "test", "ano", "train"}
-        Which images form the set (and the memory bank); see :mod:`patchlab.data`.
+        Which images form the set (and, blind, the memory bank); see :mod:`patchlab.data`.
+    bank_setting : str, optional
+        Images whose patches form the memory bank when it is not the set itself: ``"train"``
+        is the one-class setting (train/good, as PatchCore; needs ``exclude="none"``).
     unlabeled : bool
         ``data`` is a plain folder of images: rank them, no metrics.
     method : str
@@ -40,7 +53,7 @@ class RunConfig:
         ``"imagenet"``, ``"none"`` (seeded random: for tests, never for shown results) or a
         state-dict path.
     seed : int
-        Seed of the random weights.
+        Seed of the random weights, the coreset, PaDiM's channels and mutual scoring.
     resize, crop : int
         Resize side, then centre-crop side; ``crop=None`` resizes straight to 224 (no crop).
     image_score : {"patchcore", "eq3", "max"}
@@ -50,8 +63,9 @@ class RunConfig:
         Neighbours of f* that re-weight the maximum (N_b(f*), f* included).
     sigma : float
         Gaussian blur of the maps, in pixels.
-    backend : {"auto", "torch", "keops"}
-        kNN backend (exact either way; results do not depend on it).
+    backend, precision, pool : str, str, int
+        The kNN engine (:class:`patchlab.knn.Engine`); exact either way, results do not
+        depend on them beyond float ties.
     device : str
         ``"auto"``, ``"cpu"`` or ``"cuda"``.
     batch_size : int
@@ -61,49 +75,54 @@ class RunConfig:
     coreset : float
         Memory bank size as a fraction of all patches, in (0, 1] (greedy coreset when < 1).
     k_img : int
-        SPADE: nearest images (by global feature) whose patches form each image's gallery.
+        SPADE: nearest images (by global feature) whose patches form each image's gallery
+        (at most n_images - 1 are used; ``metrics.json`` records the value used).
     mutual_ratio : float
         Mutual scoring: the share of other images whose minima are averaged.
     """
 
     data: str
-    category: str | None = None
-    setting: str = "test"
-    unlabeled: bool = False
-    method: str = "patchcluster"
-    k: int = 25
-    k_max: int | None = None
-    exclude: str = "self"
-    backbone: str = "efficientnet_lite0"
-    weights: str = "imagenet"
-    seed: int = 0
-    resize: int = 256
-    crop: int | None = 224
-    image_score: str = IMAGE_SCORES[0]
-    b: int = 9
-    sigma: float = 4.0
-    backend: str = "auto"
-    device: str = "auto"
-    batch_size: int = 16
-    cache_dir: str | None = None
-    coreset: float = 1.0
-    k_img: int = 50
-    mutual_ratio: float = 0.3
+    category: str | None = option(None, "category folder under DATA")
+    setting: str = option("test", "images that form the set (blind: and the bank)", SETTINGS)
+    bank_setting: str | None = option(
+        None, "images that form the bank when not the set: train = one-class", SETTINGS
+    )
+    unlabeled: bool = option(False, "DATA is a plain image folder (no labels, no metrics)")
+    method: str = option("patchcluster", "patch scoring method", tuple(sorted(METHODS)))
+    k: int = option(25, "neighbours averaged (Eq. 2)")
+    k_max: int | None = option(None, "neighbour table width (default: k)")
+    exclude: str = option("self", "what counts as the patch itself", EXCLUDE_MODES)
+    backbone: str = option("efficientnet_lite0", "feature extractor", tuple(BACKBONES))
+    weights: str = option(
+        "imagenet", "imagenet, none (seeded random: tests only), or a state-dict path"
+    )
+    seed: int = option(0, "seed of random weights, coreset, PaDiM channels")
+    resize: int = option(256, "resize side, pixels")
+    crop: int | None = option(224, "centre-crop side, pixels")
+    image_score: str = option(
+        IMAGE_SCORES[0], "patchcore: PatchCore's re-weighting; eq3: as printed; max", IMAGE_SCORES
+    )
+    b: int = option(9, "neighbours of f* that re-weight the image score")
+    sigma: float = option(4.0, "Gaussian blur of the maps, pixels")
+    backend: str = option("auto", "kNN backend", BACKENDS)
+    precision: str = option("auto", "kNN GEMM precision (reduced ones are re-ranked)", PRECISIONS)
+    pool: int = option(32, "kNN: extra candidates re-ranked with a reduced precision")
+    device: str = option("auto", "auto, cpu or cuda")
+    batch_size: int = option(16, "images per backbone forward pass")
+    cache_dir: str | None = option(None, "cache folder (default $PATCHLAB_CACHE)")
+    coreset: float = option(1.0, "memory bank fraction in (0, 1] (greedy coreset below 1)")
+    k_img: int = option(50, "SPADE: nearest images")
+    mutual_ratio: float = option(0.3, "mutual scoring: share of images")
 
     def __post_init__(self) -> None:
-        choices = {
-            "setting": SETTINGS,
-            "method": tuple(METHODS),
-            "exclude": EXCLUDE_MODES,
-            "image_score": IMAGE_SCORES,
-            "backend": BACKENDS,
-            "backbone": tuple(BACKBONES),
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(
-                    f"{name}={getattr(self, name)!r} is unknown; choose one of {', '.join(allowed)}"
-                )
+        if self.setting not in SETTINGS or self.bank_setting not in (None, *SETTINGS):
+            raise ValueError(f"setting and bank_setting must be one of {', '.join(SETTINGS)}")
+        if self.exclude not in EXCLUDE_MODES:
+            raise ValueError(f"exclude={self.exclude!r} is unknown; choose one of {EXCLUDE_MODES}")
+        get_backbone(self.backbone)
+        get_method(self.method)
+        check_image_score(self.image_score)
+        self.engine()  # validates backend, precision, pool
         for name in ("k", "b", "resize", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -119,11 +138,29 @@ class RunConfig:
             raise ValueError("k_img must be >= 1 and mutual_ratio in (0, 1]")
         if self.sigma < 0:
             raise ValueError(f"sigma must be >= 0, got {self.sigma}")
+        if self.bank_setting is not None:
+            self._check_one_class()
+
+    def _check_one_class(self) -> None:
+        if self.exclude != "none":
+            raise ValueError(
+                f"bank_setting={self.bank_setting!r} (a bank of other images) needs "
+                "exclude='none': the queries are not in the bank"
+            )
+        if not get_method(self.method).uses_table or self.method == "patchcore_lof":
+            raise ValueError(
+                f"method={self.method!r} scores against the set itself; with bank_setting use "
+                "patchcluster or patchcore"
+            )
 
     @property
     def table_k(self) -> int:
         """Width of the neighbour table this run needs."""
         return self.k_max or self.k
+
+    def engine(self) -> Engine:
+        """The kNN engine these settings ask for."""
+        return Engine(backend=self.backend, precision=self.precision, pool=self.pool)
 
     def to_dict(self) -> dict:
         return asdict(self)

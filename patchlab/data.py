@@ -28,6 +28,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 SETTINGS = ("mix", "test", "ano", "train")
+BLIND_SETTINGS = SETTINGS[:3]  # the set is the bank: nobody says which image is normal
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

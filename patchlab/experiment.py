@@ -2,29 +2,38 @@
 
 images -> features (cached) -> [coreset] -> neighbour table (cached) -> patch scores
        -> maps -> image scores -> metrics
+
+:func:`prepare` does the expensive part once (features, coreset, neighbour table, each through
+:mod:`patchlab.cache`); :func:`rescore` does the rest from what it prepared, in milliseconds,
+for any method, K and image score; :func:`run` is the two. Writing a result to disk is
+:mod:`patchlab.outputs`.
 """
 
 from __future__ import annotations
 
-import csv
-import hashlib
-import json
 import time
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from patchlab.cache import atomic_save, cache_key, default_cache_dir
+from patchlab.cache import (
+    atomic_save,
+    cache_folder,
+    coreset_stem,
+    feature_key,
+    find_prefix,
+    neighbour_stem,
+    resolve_device,
+)
 from patchlab.config import RunConfig
-from patchlab.coreset import CORESET_VERSION, N_STARTS, PROJECTION_DIM, greedy_coreset
+from patchlab.coreset import greedy_coreset
 from patchlab.data import ImageSet, load_folder, load_masks, load_mvtec
-from patchlab.features import extract_features, feature_key, resolve_device
-from patchlab.knn import KNN_VERSION, Neighbours, knn
+from patchlab.features import extract_features
+from patchlab.knn import Neighbours, knn
 from patchlab.maps import anomaly_maps, image_scores, support_distances
-from patchlab.methods import METHODS, ScoringInputs, score_patches
+from patchlab.methods import ScoringInputs, get_method, score_patches
 from patchlab.metrics import evaluate
 from patchlab.metrics import image_auroc as evaluate_images
 
@@ -46,8 +55,8 @@ class Result:
     metrics : dict
         image_auroc, pixel_auroc, pro (None where undefined), image_auroc_by_score (every
         image-score rule, where a neighbour table exists), negative_weights, n_images,
-        n_patches, n_bank, image_score (the rule used), backbone, feature_dim, seconds per
-        stage.
+        n_patches, n_bank, image_score (the rule used), k_img (SPADE, the value used),
+        backbone, weights, feature_dim, seconds per stage.
     """
 
     config: RunConfig
@@ -64,11 +73,11 @@ class Result:
         return self.inputs.features
 
 
-def load_images(config: RunConfig) -> ImageSet:
-    """The image set a config names."""
+def load_images(config: RunConfig, setting: str | None = None) -> ImageSet:
+    """The image set a config names (or its ``setting`` of the same category)."""
     if config.unlabeled:
         return load_folder(config.data)
-    return load_mvtec(config.data, config.category, config.setting)
+    return load_mvtec(config.data, config.category, setting or config.setting)
 
 
 def feature_options(config: RunConfig, progress: bool = False) -> dict:
@@ -89,7 +98,12 @@ def feature_options(config: RunConfig, progress: bool = False) -> dict:
 def prepare(
     config: RunConfig, progress: bool = True
 ) -> tuple[ImageSet, ScoringInputs, np.ndarray, dict]:
-    """Everything expensive a config's method needs: images, masks, features, neighbours."""
+    """Everything expensive a config's method needs: images, masks, features, neighbours.
+
+    Returns
+    -------
+    (images, inputs, masks, seconds): ``seconds`` per stage (load, features, neighbours).
+    """
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -103,18 +117,21 @@ def prepare(
     masks = load_masks(images, config.resize, config.crop)
     lap("load")
     common = feature_options(config, progress)
+    device = resolve_device(config.device)
     # on CUDA the features stay there: every method then runs on the GPU
-    features = extract_features(images, **common).to(resolve_device(config.device))
-    method = METHODS[config.method]
-    global_features = (
-        extract_features(images, kind="global", **common) if method.uses_global else None
-    )
+    features = extract_features(images, **common).to(device)
+    bank_images, bank = None, None
+    if config.bank_setting is not None:  # one-class: the bank is another image set
+        bank_images = load_images(config, config.bank_setting)
+        bank = extract_features(bank_images, **common).to(device)
+    method = get_method(config.method)
+    glob = extract_features(images, kind="global", **common) if method.uses_global else None
     lap("features")
     table, bank_rows = None, None
     if method.uses_table:
-        table, bank_rows = neighbour_table(images, features, config, progress=progress)
+        table, bank_rows = neighbour_table(images, features, config, progress, bank_images, bank)
         lap("neighbours")
-    return images, ScoringInputs(features, table, bank_rows, global_features), masks, seconds
+    return images, ScoringInputs(features, table, bank_rows, glob, bank), masks, seconds
 
 
 def run(config: RunConfig, progress: bool = True) -> Result:
@@ -146,25 +163,15 @@ def rescore(
     """
     t0 = time.perf_counter()
     n, h, w, _ = inputs.features.shape
-    flat = score_patches(
-        config.method,
-        inputs,
-        config.k,
-        k_img=config.k_img,
-        ratio=config.mutual_ratio,
-        seed=config.seed,
-        progress=progress,
-    )
+    method = get_method(config.method)
+    options = {name: getattr(config, key) for name, key in method.options.items()}
+    if "k_img" in options:  # SPADE on a small set: at most every other image
+        options["k_img"] = min(options["k_img"], max(1, n - 1))
+    flat = score_patches(config.method, inputs, config.k, progress=progress, **options)
     patch = flat.reshape(n, h, w)
     maps = anomaly_maps(patch, config.crop or config.resize, config.sigma)
     rule = config.image_score if inputs.neighbours is not None else "max"
-    by_rule = {"max": image_scores(patch, "max")}
-    if inputs.neighbours is not None:
-        support = support_distances(
-            patch, inputs.features, inputs.neighbours, config.b, inputs.bank_rows
-        )
-        for other in ("patchcore", "eq3"):
-            by_rule[other] = image_scores(patch, other, support)
+    by_rule = _image_scores_by_rule(patch, inputs, config.b)
     scores = by_rule[rule]
     negative = int((scores < 0).sum())
     if negative:
@@ -175,18 +182,11 @@ def rescore(
             stacklevel=2,
         )
     t1 = time.perf_counter()
-    metrics: dict = {"image_auroc": None, "pixel_auroc": None, "pro": None}
-    if images.has_labels and pixel_metrics:
-        metrics = evaluate(images.labels, scores, masks, maps)
-    elif images.has_labels:
-        metrics["image_auroc"] = evaluate_images(images.labels, scores)
-    if images.has_labels and len(by_rule) > 1:
-        metrics["image_auroc_by_score"] = {
-            name: evaluate_images(images.labels, s) for name, s in by_rule.items()
-        }
-    metrics["negative_weights"] = negative
-    n_bank = len(inputs.bank_rows) if inputs.bank_rows is not None else n * h * w
+    metrics = _metrics(images, masks, maps, by_rule, rule, pixel_metrics)
+    source = inputs.features if inputs.bank is None else inputs.bank
+    n_bank = len(inputs.bank_rows) if inputs.bank_rows is not None else source[..., 0].numel()
     metrics |= {
+        "negative_weights": negative,
         "n_images": n,
         "n_patches": n * h * w,
         "n_bank": n_bank,
@@ -194,69 +194,81 @@ def rescore(
         "backbone": config.backbone,
         "weights": config.weights,
         "feature_dim": int(inputs.features.shape[-1]),
+        **({"k_img": options["k_img"]} if "k_img" in options else {}),
         "seconds": {"scores": round(t1 - t0, 3), "metrics": round(time.perf_counter() - t1, 3)},
     }
     return Result(config, images, inputs, patch, maps, scores, masks, metrics)
 
 
+def _image_scores_by_rule(patch: torch.Tensor, inputs: ScoringInputs, b: int) -> dict:
+    """The image scores under every rule the inputs allow (the re-weighted ones need a
+    neighbour table), {rule: (n,) float64}."""
+    by_rule = {"max": image_scores(patch, "max")}
+    if inputs.neighbours is not None:
+        support = support_distances(patch, inputs, b)
+        for rule in ("patchcore", "eq3"):
+            by_rule[rule] = image_scores(patch, rule, support)
+    return by_rule
+
+
+def _metrics(images, masks, maps, by_rule, rule, pixel_metrics) -> dict:
+    """Image AUROC (of the rule used and of every rule), pixel AUROC and PRO, where labels
+    allow; None where undefined."""
+    metrics: dict = {"image_auroc": None, "pixel_auroc": None, "pro": None}
+    if not images.has_labels:
+        return metrics
+    if pixel_metrics:
+        metrics = evaluate(images.labels, by_rule[rule], masks, maps)
+    else:
+        metrics["image_auroc"] = evaluate_images(images.labels, by_rule[rule])
+    if len(by_rule) > 1:
+        metrics["image_auroc_by_score"] = {
+            name: evaluate_images(images.labels, s) for name, s in by_rule.items()
+        }
+    return metrics
+
+
 def neighbour_table(
-    images: ImageSet, features: torch.Tensor, config: RunConfig, progress: bool = True
+    images: ImageSet,
+    features: torch.Tensor,
+    config: RunConfig,
+    progress: bool = True,
+    bank_images: ImageSet | None = None,
+    bank: torch.Tensor | None = None,
 ) -> tuple[Neighbours, torch.Tensor | None]:
     """The (n_patches, k_max) table of every patch against the memory bank, cached.
 
-    The memory bank is every patch, or a greedy coreset of them (``config.coreset < 1``).
-    A cached table computed for a larger k_max is sliced rather than recomputed.
+    The memory bank is every patch of the set (blind), or of ``bank`` (the features of
+    ``bank_images``, one-class), or a greedy coreset of those (``config.coreset < 1``). A
+    cached table computed for a larger k_max is sliced rather than recomputed.
 
     Returns
     -------
     (table, bank_rows): ``bank_rows`` (m,) int64 are the coreset's patch indices, or None.
     """
-    n, h, w, d = features.shape
-    fkey = feature_key(
-        images,
+    options = dict(
         backbone=config.backbone,
         weights=config.weights,
         seed=config.seed,
         resize=config.resize,
         crop=config.crop,
     )
-    folder = Path(config.cache_dir or default_cache_dir())
-    bank = features.reshape(n * h * w, d)
+    key = feature_key(images.paths, **options)
+    bank_key = None if bank is None else feature_key(bank_images.paths, **options)
+    source = features if bank is None else bank
+    pool = source.reshape(-1, source.shape[-1])
     bank_rows = None
     if config.coreset < 1:
-        bank_rows = _coreset_rows(bank, fkey, folder, config, progress)
-    # the table's identity: features, exclusion, kNN version and the exact bank rows
-    bank_id = "all" if bank_rows is None else hashlib.sha256(bank_rows.numpy()).hexdigest()[:16]
-    stem = f"neighbours-{fkey}-{config.exclude}-{bank_id}-v{KNN_VERSION}"
-    need = config.table_k
-    cached = sorted(folder.glob(f"{stem}-k*.npz"), key=lambda p: int(p.stem.rsplit("-k", 1)[1]))
-    for path in cached:
-        if int(path.stem.rsplit("-k", 1)[1]) >= need:
-            with np.load(path) as z:
-                table = Neighbours(
-                    torch.from_numpy(z["distances"][:, :need]).contiguous(),
-                    torch.from_numpy(z["indices"][:, :need]).long().contiguous(),
-                    config.exclude,
-                )
-            return table, bank_rows
-
-    device = resolve_device(config.device)
-    groups = torch.arange(n).repeat_interleave(h * w)
-    kw: dict = dict(exclude=config.exclude, backend=config.backend, progress=progress)
-    if bank_rows is None:
-        table = knn(bank.to(device), need, query_groups=groups, **kw)
-    else:
-        table = knn(
-            bank.to(device),
-            need,
-            bank[bank_rows].to(device),
-            query_ids=torch.arange(n * h * w),
-            bank_ids=bank_rows,
-            query_groups=groups,
-            bank_groups=groups[bank_rows],
-            **kw,
-        )
-    table = Neighbours(table.distances.cpu(), table.indices.cpu(), config.exclude)
+        bank_rows = coreset_rows(pool, bank_key or key, config, progress)
+    folder, need = cache_folder(config.cache_dir), config.table_k
+    stem = neighbour_stem(key, config.exclude, bank_rows, bank_key)
+    cached = find_prefix(folder, stem, "k", need)
+    if cached is not None:
+        with np.load(cached) as z:
+            distances = torch.from_numpy(z["distances"][:, :need]).contiguous()
+            indices = torch.from_numpy(z["indices"][:, :need]).long().contiguous()
+        return Neighbours(distances, indices, config.exclude), bank_rows
+    table = _search(features, pool, bank_rows, config, progress, blind=bank is None)
     atomic_save(
         folder / f"{stem}-k{need}.npz",
         distances=table.distances.numpy(),
@@ -265,55 +277,48 @@ def neighbour_table(
     return table, bank_rows
 
 
-def _coreset_rows(bank, fkey, folder, config, progress) -> torch.Tensor:
-    """Greedy coreset rows, cached. Greedy picks come in a fixed order for a given seed, so a
-    smaller ratio is a prefix of a larger one: a cached longer sequence is cut, not redone."""
-    m = max(1, int(bank.shape[0] * config.coreset))
+def _search(features, pool, bank_rows, config, progress, blind) -> Neighbours:
+    """The kNN of every patch of ``features`` against ``pool`` (or its ``bank_rows``)."""
+    n, h, w, d = features.shape
+    queries = features.reshape(n * h * w, d)
+    groups = torch.arange(n).repeat_interleave(h * w)
+    kw: dict = dict(exclude=config.exclude, engine=config.engine(), progress=progress)
+    need = config.table_k
+    if blind and bank_rows is None:  # the self-kNN: symmetric blocks
+        table = knn(queries, need, query_groups=groups, **kw)
+    elif blind:  # a coreset of the set's own patches: rows keep their patch identity
+        table = knn(
+            queries,
+            need,
+            pool[bank_rows.to(pool.device)],
+            query_ids=torch.arange(n * h * w),
+            bank_ids=bank_rows,
+            query_groups=groups,
+            bank_groups=groups[bank_rows],
+            **kw,
+        )
+    else:  # one-class: the bank is another image set, nothing to exclude
+        bank = pool if bank_rows is None else pool[bank_rows.to(pool.device)]
+        table = knn(queries, need, bank, **kw)
+    return Neighbours(table.distances.cpu(), table.indices.cpu(), config.exclude)
+
+
+def coreset_rows(
+    pool: torch.Tensor, key: str, config: RunConfig, progress: bool = True
+) -> torch.Tensor:
+    """Greedy coreset rows of ``pool`` (m, d), the features named ``key``, cached.
+
+    Greedy picks come in a fixed order for a given seed, so a smaller ratio is a prefix of a
+    larger one: a cached longer sequence is cut, not redone.
+    """
+    m = max(1, int(pool.shape[0] * config.coreset))
     device = resolve_device(config.device)
-    record = {
-        "f": fkey,
-        "seed": config.seed,
-        "starts": N_STARTS,
-        "dim": PROJECTION_DIM,
-        "version": CORESET_VERSION,
-        "device": device.type,
-    }  # CPU and CUDA round apart
-    stem = f"coreset-{cache_key(record)}"
-    longer = sorted(folder.glob(f"{stem}-m*.npy"), key=lambda p: int(p.stem.rsplit("-m", 1)[1]))
-    for path in longer:
-        if int(path.stem.rsplit("-m", 1)[1]) >= m:
-            return torch.from_numpy(np.load(path)[:m])
-    rows = greedy_coreset(
-        bank.to(resolve_device(config.device)), config.coreset, seed=config.seed, progress=progress
-    ).cpu()
+    folder = cache_folder(config.cache_dir)
+    stem = coreset_stem(key, config.seed, device)
+    cached = find_prefix(folder, stem, "m", m)
+    if cached is not None:
+        return torch.from_numpy(np.load(cached)[:m])
+    rows = greedy_coreset(pool.to(device), config.coreset, seed=config.seed, progress=progress)
+    rows = rows.cpu()
     atomic_save(folder / f"{stem}-m{m}.npy", rows=rows.numpy())
     return rows
-
-
-def save_result(result: Result, out: str | Path) -> Path:
-    """Write ``metrics.json``, ``image_scores.csv`` and ``maps.npz`` into ``out``."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    record = {**result.metrics, "config": result.config.to_dict()}
-    (out / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")
-    order = np.argsort(-result.image_scores, kind="stable")
-    with open(out / "image_scores.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["path", "label", "score"])
-        for i in order:
-            writer.writerow(
-                [
-                    str(result.images.paths[i]),
-                    int(result.images.labels[i]),
-                    f"{result.image_scores[i]:.6g}",
-                ]
-            )
-    np.savez_compressed(
-        out / "maps.npz",
-        maps=result.maps.astype(np.float32),
-        masks=result.masks.astype(np.uint8),
-        labels=result.images.labels,
-        image_scores=result.image_scores,
-        paths=np.array([str(p) for p in result.images.paths]),
-    )
-    return out

@@ -15,7 +15,6 @@ so every 8 x 8-pixel patch gets one feature: an image gives a (28, 28, dim) grid
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -23,18 +22,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from patchlab.backbones import build_backbone, get_backbone, weights_identity
-from patchlab.cache import atomic_save, cache_key, default_cache_dir
+from patchlab.backbones import build_backbone, get_backbone
+from patchlab.cache import atomic_save, cache_folder, feature_key, resolve_device
 from patchlab.data import ImageSet, preprocess, read_rgb
-
-FEATURE_VERSION = 3  # bump whenever the features computed for the same settings change
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` is CUDA when available, else the CPU."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def aggregate(taps: list[torch.Tensor], dim: int | None = None) -> torch.Tensor:
@@ -107,18 +97,24 @@ def extract_features(
     """
     if kind not in ("patch", "global"):
         raise ValueError(f"kind={kind!r} is unknown; choose 'patch' or 'global'")
-    spec = get_backbone(backbone)
     key = feature_key(
-        images, backbone=backbone, weights=weights, seed=seed, resize=resize, crop=crop
+        images.paths, backbone=backbone, weights=weights, seed=seed, resize=resize, crop=crop
     )
     stem = "features" if kind == "patch" else "global"
-    path = Path(cache_dir or default_cache_dir()) / f"{stem}-{key}.npy"
+    path = cache_folder(cache_dir) / f"{stem}-{key}.npy"
     if path.is_file():
         return torch.from_numpy(np.load(path))
 
-    device = resolve_device(device)
-    model = build_backbone(backbone, weights, seed).to(device)
-    batches = [images.paths[i : i + batch_size] for i in range(0, len(images), batch_size)]
+    model = build_backbone(backbone, weights, seed).to(resolve_device(device))
+    features = _forward(images, model, kind, resize, crop, batch_size, progress)
+    atomic_save(path, features=features.numpy())
+    return features
+
+
+def _forward(images, model, kind, resize, crop, batch_size, progress) -> torch.Tensor:
+    """Patch (or global) features of every image, a batch at a time, on the model's device."""
+    spec = get_backbone(model.name)
+    device = next(model.parameters()).device
     out = []
     bar = tqdm(total=len(images), desc=f"{kind} features", unit="img", disable=not progress)
     # cuDNN convolves in TF32 by default on Ampere and later (features then differ from the
@@ -127,7 +123,8 @@ def extract_features(
     torch.backends.cudnn.allow_tf32 = False
     try:
         with torch.inference_mode():
-            for batch in batches:
+            for i in range(0, len(images), batch_size):
+                batch = images.paths[i : i + batch_size]
                 x = torch.stack(
                     [preprocess(read_rgb(p), resize, crop, spec.mean, spec.std) for p in batch]
                 ).to(device)
@@ -139,29 +136,8 @@ def extract_features(
                 bar.update(len(batch))
     finally:
         torch.backends.cudnn.allow_tf32 = tf32
-    bar.close()
-    features = torch.cat(out)
-    atomic_save(path, features=features.numpy())
-    return features
-
-
-def feature_key(images: ImageSet, **settings) -> str:
-    """Hash of everything that changes the features: files (path, size, mtime), the backbone
-    (name, taps, width, input normalisation, weights) and the preprocessing settings."""
-    files = [
-        (str(Path(p).resolve()), os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in images.paths
-    ]
-    spec = get_backbone(settings["backbone"])
-    settings["weights"] = weights_identity(spec.name, settings["weights"], settings["seed"])
-    record = {
-        "version": FEATURE_VERSION,
-        "taps": spec.taps,
-        "dim": spec.dim,
-        "normalisation": [spec.mean, spec.std],
-        "files": files,
-        **settings,
-    }
-    return cache_key(record)
+        bar.close()
+    return torch.cat(out)
 
 
 def receptive_field(

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from patchlab.knn import Neighbours, knn
+from patchlab.knn import knn
+from patchlab.methods import ScoringInputs
 
 # the first is the default: chosen by measurement (docs/results.md, "Image scores")
 IMAGE_SCORES = ("patchcore", "eq3", "max")
@@ -40,15 +41,17 @@ def anomaly_maps(patch_scores: torch.Tensor, size: int = 224, sigma: float = 4.0
     return maps.astype(np.float32, copy=False)
 
 
+def check_image_score(mode: str) -> None:
+    """An error naming the choices when ``mode`` is not an image-score rule."""
+    if mode not in IMAGE_SCORES:
+        raise ValueError(f"image score mode={mode!r} is unknown; choose one of {IMAGE_SCORES}")
+
+
 def support_distances(
-    patch_scores: torch.Tensor,
-    features: torch.Tensor,
-    neighbours: Neighbours,
-    b: int = 9,
-    bank_rows: torch.Tensor | None = None,
+    patch_scores: torch.Tensor, inputs: ScoringInputs, b: int = 9
 ) -> torch.Tensor:
-    """What Eq. 3 weighs a* with: the distances from each image's top patch to the b nearest
-    bank features of *its* nearest bank feature.
+    """What the re-weighted image scores weigh a* with: the distances from each image's top
+    patch to the b nearest bank features of *its* nearest bank feature.
 
     For image i, f_i* is the patch of maximal score a_i*, f* its nearest bank feature (the
     first column of its table row) and N_b(f*) the b nearest bank features of f*, f* itself
@@ -58,26 +61,25 @@ def support_distances(
     Parameters
     ----------
     patch_scores : torch.Tensor, shape (n, h, w)
-    features : torch.Tensor, shape (n, h, w, d)
-    neighbours : Neighbours, (n * h * w, k_max) table of every patch against the bank
+    inputs : ScoringInputs
+        The set's features, its neighbour table and the bank (:meth:`ScoringInputs.bank_features`).
     b : int, >= 1
-    bank_rows : torch.Tensor, shape (m,), int64, optional
-        The patches that form the bank (a coreset); None when every patch does.
 
     Returns
     -------
     torch.Tensor, shape (n, b), float64, on the CPU
         dist(f_i*, m) for m in N_b(f*), column 0 being m = f*.
     """
-    n, h, w, d = features.shape
-    flat = features.reshape(n * h * w, d)
-    bank = flat if bank_rows is None else flat[bank_rows.to(flat.device)]
-    bank_ids = torch.arange(n * h * w) if bank_rows is None else bank_rows.cpu()
+    n, h, w, d = inputs.features.shape
+    flat = inputs.features.reshape(n * h * w, d)
+    bank = inputs.bank_features()
     if not 1 <= b <= len(bank):
         raise ValueError(f"b={b} must lie in [1, {len(bank)} bank features]")
+    table = inputs.table()
     top = patch_scores.reshape(n, -1).argmax(1) + torch.arange(n) * h * w  # f_i*, patch index
-    f_star = bank[neighbours.indices[top, 0].to(flat.device)]  # (n, d) nearest bank feature
-    exclude = {"nearest": "self"}.get(neighbours.exclude, neighbours.exclude)
+    f_star = bank[table.indices[top, 0].to(bank.device)]  # (n, d) nearest bank feature
+    exclude = {"nearest": "self"}.get(table.exclude, table.exclude)
+    rows = inputs.bank_rows.cpu() if inputs.bank_rows is not None else torch.arange(len(bank))
     groups = torch.arange(n).repeat_interleave(h * w)
     support = knn(  # N_b(f*): f* is found first (distance 0), as it is not the query
         f_star,
@@ -85,12 +87,12 @@ def support_distances(
         bank,
         exclude=exclude,
         query_ids=top,
-        bank_ids=bank_ids,
+        bank_ids=rows,
         query_groups=torch.arange(n),
-        bank_groups=groups[bank_ids],
+        bank_groups=groups[rows] if inputs.bank is None else None,
         progress=False,
     )
-    members = bank[support.indices.to(flat.device)].double()  # (n, b, d)
+    members = bank[support.indices.to(bank.device)].double()  # (n, b, d)
     return (flat[top.to(flat.device)].double()[:, None] - members).norm(dim=2).cpu()
 
 
@@ -123,8 +125,7 @@ def image_scores(
     -------
     np.ndarray, shape (n,), float64
     """
-    if mode not in IMAGE_SCORES:
-        raise ValueError(f"image score mode={mode!r} is unknown; choose one of {IMAGE_SCORES}")
+    check_image_score(mode)
     a_star = patch_scores.reshape(patch_scores.shape[0], -1).double().amax(1).cpu()
     if mode == "max":
         return a_star.numpy()

@@ -8,9 +8,8 @@ features directly and reuse the one kNN of :mod:`patchlab.knn`.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
@@ -32,12 +31,23 @@ class ScoringInputs:
         Patches that form the memory bank (a coreset); None when the bank is every patch.
     global_features : torch.Tensor, shape (n, c), optional
         One vector per image (for SPADE's image-level neighbours).
+    bank : torch.Tensor, shape (n_b, h, w, d), optional
+        Patch features of the images the memory bank is drawn from, when they are not the set
+        itself (one-class: train/good); ``bank_rows`` then index its patches. None in the
+        blind settings, where the bank is the set's own patches.
     """
 
     features: torch.Tensor
     neighbours: Neighbours | None = None
     bank_rows: torch.Tensor | None = None
     global_features: torch.Tensor | None = None
+    bank: torch.Tensor | None = None
+
+    def bank_features(self) -> torch.Tensor:
+        """The memory bank, (m, d): the coreset rows of the bank's patches, or all of them."""
+        source = self.features if self.bank is None else self.bank
+        flat = source.reshape(-1, source.shape[-1])
+        return flat if self.bank_rows is None else flat[self.bank_rows.to(flat.device)]
 
     def table(self) -> Neighbours:
         if self.neighbours is None:
@@ -71,6 +81,8 @@ def patchcore_lof(inputs: ScoringInputs, k: int) -> torch.Tensor:
     The neighbours of bank entries are their own rows of the table (every bank entry is also
     a query), so the full table gives the LOF of every patch without another search.
     """
+    if inputs.bank is not None:
+        raise ValueError("patchcore_lof needs a blind setting (the bank entries' own rows)")
     table = inputs.table()
     _check_k(table, k)
     dist, idx = table.distances[:, :k].double(), table.indices[:, :k]
@@ -174,37 +186,57 @@ def _check_k(table: Neighbours, k: int) -> None:
 
 @dataclass(frozen=True)
 class Method:
-    """A registry entry: the scoring function and what it reads."""
+    """A registry entry: the scoring function, what it reads, and the options it takes.
+
+    ``options`` maps each keyword option of ``fn`` to the :class:`~patchlab.config.RunConfig`
+    field that sets it.
+    """
 
     fn: Callable[..., torch.Tensor]
-    uses_table: bool  # reads the neighbour table (and supports Eq. 3 image scores)
+    uses_table: bool  # reads the neighbour table (and supports the re-weighted image scores)
     uses_global: bool = False
+    options: dict[str, str] = field(default_factory=dict)
+    shows_progress: bool = False  # takes a ``progress`` flag (the slow, per-image methods)
 
 
 METHODS: dict[str, Method] = {
     "patchcluster": Method(patchcluster, uses_table=True),
     "patchcore": Method(patchcore, uses_table=True),
     "patchcore_lof": Method(patchcore_lof, uses_table=True),
-    "padim": Method(padim, uses_table=False),
-    "spade": Method(spade, uses_table=False, uses_global=True),
-    "spade_cluster": Method(spade_cluster, uses_table=False, uses_global=True),
-    "mutual": Method(mutual, uses_table=False),
+    "padim": Method(padim, uses_table=False, options={"seed": "seed"}),
+    "spade": Method(spade, False, True, {"k_img": "k_img"}, shows_progress=True),
+    "spade_cluster": Method(spade_cluster, False, True, {"k_img": "k_img"}, shows_progress=True),
+    "mutual": Method(mutual, False, options={"ratio": "mutual_ratio"}, shows_progress=True),
 }
 
 
-def score_patches(method: str, inputs: ScoringInputs, k: int, **options) -> torch.Tensor:
+def get_method(name: str) -> Method:
+    """The registry entry ``name``, or an error listing the choices."""
+    if name not in METHODS:
+        raise ValueError(f"method={name!r} is unknown; choose one of {', '.join(sorted(METHODS))}")
+    return METHODS[name]
+
+
+def score_patches(
+    method: str, inputs: ScoringInputs, k: int, *, progress: bool = False, **options
+) -> torch.Tensor:
     """Score every patch with the method called ``method`` (a key of :data:`METHODS`).
 
-    ``options`` (e.g. ``k_img``, ``ratio``, ``seed``) are passed to the methods that take them.
-
-    Methods run on the device of ``inputs.features``.
+    ``options`` are the method's own (:attr:`Method.options`, e.g. ``k_img`` for SPADE,
+    ``ratio`` for mutual scoring); any other is an error. Methods run on the device of
+    ``inputs.features``.
 
     Returns
     -------
     torch.Tensor, shape (n_images * h * w,), float32, on the CPU
     """
-    if method not in METHODS:
-        raise ValueError(f"method={method!r} is unknown; choose one of {sorted(METHODS)}")
-    fn = METHODS[method].fn
-    accepted = inspect.signature(fn).parameters
-    return fn(inputs, k, **{key: v for key, v in options.items() if key in accepted}).float().cpu()
+    entry = get_method(method)
+    unknown = set(options) - set(entry.options)
+    if unknown:
+        raise ValueError(
+            f"method {method!r} takes no option {', '.join(sorted(unknown))}; its options: "
+            f"{', '.join(entry.options) or 'none'}"
+        )
+    if entry.shows_progress:
+        options["progress"] = progress
+    return entry.fn(inputs, k, **options).float().cpu()

@@ -2,10 +2,13 @@
 
     patchlab reproduce DATA --table 2 --out OUT
 
-Each (category, setting) is prepared once: features and every neighbour table come from the
-cache, so all methods and all K of a table reuse them. Every finished cell is appended to
-``OUT/table<N>.csv`` at once, and a rerun skips the cells already there (resume after an
-interruption). ``OUT/table<N>.md`` holds the markdown table, mean over categories.
+Every cell is one :func:`patchlab.experiment.run` of its own configuration (:func:`cell_config`),
+through the same caches as ``patchlab run``: the features and the widest neighbour table of a
+(category, setting) are computed once, and every method and K of the table reuses them.
+
+Every finished cell is appended to ``OUT/table<N>.csv`` at once, and a rerun skips the cells
+already there (resume after an interruption). ``OUT/table<N>.md`` holds the markdown table, mean
+over categories.
 """
 
 from __future__ import annotations
@@ -20,14 +23,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from patchlab.config import RunConfig
-from patchlab.coreset import greedy_coreset
-from patchlab.data import load_masks, load_mvtec
-from patchlab.experiment import feature_options, neighbour_table, prepare, rescore
-from patchlab.features import extract_features, resolve_device
-from patchlab.knn import Neighbours, knn
-from patchlab.methods import METHODS, ScoringInputs
+from patchlab.data import BLIND_SETTINGS
+from patchlab.experiment import run
 
-SETTINGS = ("mix", "test", "ano")
 METRICS = ("image_auroc", "pixel_auroc", "pro")
 FIELDS = (
     "table",
@@ -120,7 +118,7 @@ def reproduce(
     *,
     base: RunConfig | None = None,
     categories: list[str] | None = None,
-    settings: tuple[str, ...] = SETTINGS,
+    settings: tuple[str, ...] = BLIND_SETTINGS,
     progress: bool = True,
 ) -> Path:
     """Compute table ``table`` and write ``OUT/table<N>.csv`` and ``OUT/table<N>.md``.
@@ -149,116 +147,76 @@ def reproduce(
     by_ratio = sorted(rows, key=lambda r: -r.coreset if r.coreset < 1 else -2.0)
     cells = [(c, s, r) for c in cats for s in cell_settings for r in by_ratio]
     bar = tqdm(cells, desc=f"table {table}", unit="cell", disable=not progress)
-    prepared: dict = {}
     for category, setting, row in bar:
-        key = (category or "", setting, row.label)
-        if key in done:
+        if (category or "", setting, row.label) in done:
             continue
         bar.set_postfix_str(f"{category} {setting} {row.label}")
         t0 = time.perf_counter()
-        k_img = None
-        if table == 4:
-            metrics = _one_class_cell(data, category, row, base, progress=False)
-        else:
-            metrics, k_img = _blind_cell(data, category, setting, row, rows, base, prepared)
-        record = {
-            "table": table,
-            "category": category,
-            "setting": setting,
-            "row": row.label,
-            "method": row.method,
-            "k": row.k,
-            "coreset": row.coreset,
-            "exclude": row.exclude,
-            "k_img": k_img,
-            **{m: metrics[m] for m in METRICS},
-            # the image AUROC under every image-score rule (methods without a neighbour
-            # table have only the plain maximum: the same value in every column)
-            **{
-                f"image_auroc_{rule}": metrics.get("image_auroc_by_score", {}).get(
-                    rule, metrics["image_auroc"]
-                )
-                for rule in SCORE_RULES
-            },
-            "negative_weights": metrics["negative_weights"],
-            "seconds": round(time.perf_counter() - t0, 2),
-        }
-        _append(csv_path, record)
+        config = cell_config(base, data, category, setting, row, rows)
+        metrics = run(config, progress=False).metrics
+        _append(csv_path, _record(table, category, setting, row, metrics, time.perf_counter() - t0))
     (out / f"table{table}.md").write_text(markdown(csv_path, table, title, base.image_score) + "\n")
     return out
 
 
-def _blind_cell(data, category, setting, row, rows, base, prepared) -> tuple[dict, int | None]:
-    """One method variant on one (category, setting); features and tables are shared.
+def cell_config(
+    base: RunConfig,
+    data: Path,
+    category: str | None,
+    setting: str,
+    row: Row,
+    rows: tuple[Row, ...],
+) -> RunConfig:
+    """The run of one cell: a method variant on one (category, setting).
 
-    Returns the metrics and, for SPADE, the K_img used: the configured one (50), or
-    n_images - 1 on sets too small for it (recorded in the CSV).
+    ``setting="one-class"`` (table 4) scores the test images against a bank of train/good
+    patches; the blind settings score a set against itself. The neighbour table is made as
+    wide as the widest row sharing its bank and exclusion, so it is computed once per table.
     """
+    one_class = setting == "one-class"
 
     # self-kNN: dropping the first neighbour and dropping the query itself remove the same
     # zero distance, so the two tables hold identical distances; 'nearest' reuses 'self' there
-    def table_exclude(r: Row) -> str:
+    def exclusion(r: Row) -> str:
+        if one_class:
+            return "none"
         return "self" if (r.exclude, r.coreset) == ("nearest", 1.0) else r.exclude
 
-    # the widest table any row of this table needs with the same bank and exclusion
-    same = [r.k for r in rows if (r.coreset, table_exclude(r)) == (row.coreset, table_exclude(row))]
-    config = replace(
+    same = [r.k for r in rows if (r.coreset, exclusion(r)) == (row.coreset, exclusion(row))]
+    return replace(
         base,
         data=str(data),
         category=category,
-        setting=setting,
+        setting="test" if one_class else setting,
+        bank_setting="train" if one_class else None,
         method=row.method,
         k=row.k,
         k_max=max(same),
         coreset=row.coreset,
-        exclude=table_exclude(row),
+        exclude=exclusion(row),
     )
-    if (category, setting) not in prepared:
-        prepared.clear()  # keep one (category, setting) in memory
-        prepared[(category, setting)] = prepare(config, progress=False)[:3]
-    images, inputs, masks = prepared[(category, setting)]
-    method = METHODS[config.method]
-    table, bank_rows = (None, None)
-    if method.uses_table:
-        table, bank_rows = neighbour_table(images, inputs.features, config, progress=False)
-    glob, k_img = inputs.global_features, None
-    if method.uses_global:
-        if glob is None:
-            glob = extract_features(images, kind="global", **feature_options(config))
-            prepared[(category, setting)] = (images, replace(inputs, global_features=glob), masks)
-        k_img = min(config.k_img, len(images) - 1)
-        config = replace(config, k_img=k_img)
-    cell_inputs = ScoringInputs(inputs.features, table, bank_rows, glob)
-    return rescore(config, images, cell_inputs, masks).metrics, k_img
 
 
-def _one_class_cell(data, category, row, base, progress) -> dict:
-    """Table 4: the bank holds train/good patches (or their coreset); test images are scored."""
-    config = replace(base, data=str(data), category=category, method=row.method, k=row.k)
-    common = feature_options(config, progress)
-    train = load_mvtec(data, category, "train")
-    test = load_mvtec(data, category, "test")
-    bank_f = extract_features(train, **common)
-    test_f = extract_features(test, **common)
-    d = test_f.shape[-1]
-    bank = bank_f.reshape(-1, d)
-    device = resolve_device(config.device)
-    if row.coreset < 1:
-        bank = bank[
-            greedy_coreset(bank.to(device), row.coreset, seed=config.seed, progress=progress).cpu()
-        ]
-    k_max = row.k
-    table = knn(
-        test_f.reshape(-1, d).to(device),
-        k_max,
-        bank.to(device),
-        exclude="none",
-        backend=config.backend,
-        progress=progress,
-    )
-    table = Neighbours(table.distances.cpu(), table.indices.cpu(), "none")
-    masks = load_masks(test, config.resize, config.crop)
-    return rescore(config, test, ScoringInputs(test_f, table), masks).metrics
+def _record(table, category, setting, row, metrics, seconds) -> dict:
+    """One line of the CSV."""
+    by_rule = metrics.get("image_auroc_by_score", {})
+    return {
+        "table": table,
+        "category": category,
+        "setting": setting,
+        "row": row.label,
+        "method": row.method,
+        "k": row.k,
+        "coreset": row.coreset,
+        "exclude": row.exclude,
+        "k_img": metrics.get("k_img"),
+        **{m: metrics[m] for m in METRICS},
+        # the image AUROC under every image-score rule (methods without a neighbour
+        # table have only the plain maximum: the same value in every column)
+        **{f"image_auroc_{r}": by_rule.get(r, metrics["image_auroc"]) for r in SCORE_RULES},
+        "negative_weights": metrics["negative_weights"],
+        "seconds": round(seconds, 2),
+    }
 
 
 def combine(parts: list[str | Path], table: int, out: str | Path) -> Path:

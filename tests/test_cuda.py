@@ -10,7 +10,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from patchlab.coreset import greedy_coreset
-from patchlab.knn import knn
+from patchlab.knn import Engine, knn
 from patchlab.methods import ScoringInputs, score_patches
 from patchlab.metrics import evaluate, pixel_auroc
 
@@ -42,8 +42,8 @@ def same_up_to_ties(a, b, tol=1e-3):
 def test_self_knn_cuda_equals_cpu(bank, exclude, block):
     groups = torch.arange(3000) // 50
     kw = dict(exclude=exclude, query_groups=groups, progress=False)
-    cpu = knn(bank, 31, block_size=700, **kw)
-    gpu = knn(bank.cuda(), 30, block_size=block, **kw)
+    cpu = knn(bank, 31, engine=Engine(block_size=700), **kw)
+    gpu = knn(bank.cuda(), 30, engine=Engine(block_size=block), **kw)
     assert gpu.distances.is_cuda
     same_up_to_ties(gpu, cpu)
 
@@ -59,13 +59,13 @@ def test_separate_bank_cuda_equals_cpu(bank):
 @pytest.mark.parametrize("precision", ["tf32", "bf16"])
 def test_reduced_precision_with_a_pool_equals_fp32(bank, precision):
     exact = knn(bank.cuda(), 21, progress=False)
-    low = knn(bank.cuda(), 20, precision=precision, pool=64, progress=False)
+    low = knn(bank.cuda(), 20, engine=Engine(precision=precision, pool=64), progress=False)
     same_up_to_ties(low, exact)
 
 
 KEOPS_CHECK = """
 import torch
-from patchlab.knn import knn
+from patchlab.knn import Engine, knn
 g = torch.Generator().manual_seed(0)
 x = (torch.randn(20, 256, generator=g) * 4)[torch.randint(0, 20, (3000,), generator=g)]
 x = (x + torch.randn(3000, 256, generator=g) + 50).cuda()
@@ -73,7 +73,7 @@ groups = torch.arange(3000) // 50
 for exclude in ("self", "image"):
     kw = dict(exclude=exclude, query_groups=groups, progress=False)
     a = knn(x, 11, **kw)
-    b = knn(x, 10, backend="keops", **kw)
+    b = knn(x, 10, engine=Engine(backend="keops"), **kw)
     torch.testing.assert_close(b.distances.cpu(), a.distances[:, :10].cpu(), rtol=1e-4, atol=1e-4)
     assert (b.indices == a.indices[:, :10]).float().mean() > 0.999
 """

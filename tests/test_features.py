@@ -5,6 +5,7 @@ import torch.nn.functional as F
 
 from patchlab import features as feat
 from patchlab.backbones import get_backbone
+from patchlab.cache import feature_key
 from patchlab.data import load_mvtec
 from patchlab.features import aggregate, extract_features
 
@@ -64,18 +65,18 @@ def test_wide_resnet_features_are_1024_wide(tiny_demo, tmp_path):
 def test_cache_key_changes_with_files_and_settings(tiny_demo):
     images = load_mvtec(tiny_demo, "brick", "ano")
     base = dict(backbone="efficientnet_lite0", weights="imagenet", seed=0, resize=256, crop=224)
-    key = feat.feature_key(images, **base)
-    assert feat.feature_key(images, **base) == key
-    assert feat.feature_key(images, **(base | {"crop": None, "resize": 224})) != key
-    assert feat.feature_key(images, **(base | {"weights": "none"})) != key
-    assert feat.feature_key(images, **(base | {"backbone": "wide_resnet50_2"})) != key
+    key = feature_key(images.paths, **base)
+    assert feature_key(images.paths, **base) == key
+    assert feature_key(images.paths, **(base | {"crop": None, "resize": 224})) != key
+    assert feature_key(images.paths, **(base | {"weights": "none"})) != key
+    assert feature_key(images.paths, **(base | {"backbone": "wide_resnet50_2"})) != key
     none = base | {"weights": "none"}
-    assert feat.feature_key(images, **(none | {"seed": 2})) != feat.feature_key(images, **none)
-    assert feat.feature_key(images.subset([0, 1]), **base) != key
+    assert feature_key(images.paths, **(none | {"seed": 2})) != feature_key(images.paths, **none)
+    assert feature_key(images.subset([0, 1]).paths, **base) != key
     path = images.paths[0]
     stat = os.stat(path)
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # the file was edited
     try:
-        assert feat.feature_key(images, **base) != key
+        assert feature_key(images.paths, **base) != key
     finally:
         os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))

@@ -7,7 +7,7 @@ import pytest
 import torch
 from sklearn.neighbors import NearestNeighbors
 
-from patchlab.knn import knn
+from patchlab.knn import Engine, knn
 
 
 def brute(q, b, k, mask=None):
@@ -36,27 +36,34 @@ def clustered():
 
 @pytest.mark.parametrize("block", [64, 256, 2048])
 def test_self_knn_matches_brute_force(clustered, block):
-    nb = knn(clustered, 10, exclude="self", block_size=block, progress=False)
+    nb = knn(clustered, 10, exclude="self", engine=Engine(block_size=block), progress=False)
     ref_d, ref_i = brute(clustered, clustered, 10, torch.eye(900, dtype=torch.bool))
     assert_same(nb, ref_d, ref_i)
     assert (nb.indices != torch.arange(900)[:, None]).all()
 
 
 def test_self_knn_matches_sklearn(clustered):
-    nb = knn(clustered, 5, exclude="self", block_size=128, progress=False)
+    nb = knn(clustered, 5, exclude="self", engine=Engine(block_size=128), progress=False)
     d, i = NearestNeighbors(n_neighbors=6).fit(clustered.numpy()).kneighbors()
     np.testing.assert_allclose(nb.distances.numpy(), d[:, :5], rtol=1e-4)
 
 
 def test_nearest_drops_the_first(clustered):
-    nb = knn(clustered, 8, exclude="nearest", block_size=100, progress=False)
+    nb = knn(clustered, 8, exclude="nearest", engine=Engine(block_size=100), progress=False)
     ref_d, ref_i = brute(clustered, clustered, 9)
     assert_same(nb, ref_d[:, 1:], ref_i[:, 1:])
 
 
 def test_image_exclusion(clustered):
     groups = torch.arange(900) // 30  # 30 "images" of 30 patches
-    nb = knn(clustered, 6, exclude="image", query_groups=groups, block_size=128, progress=False)
+    nb = knn(
+        clustered,
+        6,
+        exclude="image",
+        query_groups=groups,
+        engine=Engine(block_size=128),
+        progress=False,
+    )
     ref_d, ref_i = brute(clustered, clustered, 6, groups[:, None] == groups[None, :])
     assert_same(nb, ref_d, ref_i)
     assert (groups[nb.indices] != groups[:, None]).all()
@@ -71,7 +78,7 @@ def test_separate_bank_with_ids(clustered):
         exclude="self",
         query_ids=torch.arange(900),
         bank_ids=bank_rows,
-        block_size=100,
+        engine=Engine(block_size=100),
         progress=False,
     )
     ref_d, ref_i = brute(
@@ -83,7 +90,7 @@ def test_separate_bank_with_ids(clustered):
 def test_no_exclusion_separate_bank():
     g = torch.Generator().manual_seed(1)
     q, b = torch.randn(300, 16, generator=g), torch.randn(500, 16, generator=g)
-    nb = knn(q, 7, b, exclude="none", block_size=64, progress=False)
+    nb = knn(q, 7, b, exclude="none", engine=Engine(block_size=64), progress=False)
     assert_same(nb, *brute(q, b, 7))
 
 
@@ -107,7 +114,7 @@ def test_duplicates_far_from_the_origin_get_exact_distances():
     x = torch.randn(200, 64, generator=g) * 0.01 + 300.0  # tiny distances, huge norms
     x[100:] = x[:100]  # every point has an exact duplicate
     x[150] += 1e-3
-    nb = knn(x, 3, exclude="self", block_size=64, progress=False)
+    nb = knn(x, 3, exclude="self", engine=Engine(block_size=64), progress=False)
     ref_d, ref_i = brute(x, x, 3, torch.eye(200, dtype=torch.bool))
     exact = torch.ones(100, dtype=torch.bool)
     exact[50] = False  # its twin x[150] was moved by 1e-3
@@ -121,8 +128,8 @@ def test_keops_agrees_with_torch(clustered, exclude):
     pytest.importorskip("pykeops")
     groups = torch.arange(900) // 30
     kw = dict(exclude=exclude, query_groups=groups, progress=False)
-    a = knn(clustered, 7, block_size=256, **kw)
-    b = knn(clustered, 7, backend="keops", block_size=400, **kw)
+    a = knn(clustered, 7, engine=Engine(block_size=256), **kw)
+    b = knn(clustered, 7, engine=Engine(backend="keops", block_size=400), **kw)
     torch.testing.assert_close(a.distances, b.distances, rtol=1e-4, atol=1e-4)
     assert (a.indices == b.indices).float().mean() > 0.999
 
@@ -132,19 +139,25 @@ def test_keops_with_a_separate_bank(clustered):
     bank_rows = torch.arange(0, 900, 4)
     kw = dict(exclude="self", query_ids=torch.arange(900), bank_ids=bank_rows, progress=False)
     a = knn(clustered, 5, clustered[bank_rows], **kw)
-    b = knn(clustered, 5, clustered[bank_rows], backend="keops", **kw)
+    b = knn(clustered, 5, clustered[bank_rows], engine=Engine(backend="keops"), **kw)
     torch.testing.assert_close(a.distances, b.distances, rtol=1e-4, atol=1e-4)
     assert torch.equal(a.indices, b.indices)
 
 
-def test_auto_backend_reads_the_table(clustered, monkeypatch):
-    from patchlab import knn as knn_module
-
-    monkeypatch.setattr(knn_module, "AUTO_BACKEND", {"cpu": ((64, "keops"), (math.inf, "torch"))})
-    assert knn_module.auto_backend(torch.device("cpu"), 32) == "keops"
-    assert knn_module.auto_backend(torch.device("cpu"), 1024) == "torch"
-    a = knn(clustered, 5, backend="auto", progress=False)  # d = 32: the KeOps route
-    b = knn(clustered, 5, backend="torch", progress=False)
+def test_auto_engine_resolves_by_device_and_bank(clustered):
+    cpu = torch.device("cpu")
+    small = Engine().resolve(cpu, 900, symmetric=True)
+    assert (small.backend, small.precision, small.merge) == ("torch", "fp32", "heaps")
+    assert small.block_size == 2048 and small.skip is False  # too small to be worth reordering
+    assert Engine().resolve(cpu, 50_000, symmetric=True).skip is True
+    assert Engine().resolve(cpu, 50_000, symmetric=False).skip is False  # self-kNN only
+    assert Engine(skip=True, precision="bf16").resolve(cpu, 50_000, True).skip is False
+    with pytest.raises(ValueError, match="merge='heaps' runs on the CPU only"):
+        Engine(merge="heaps").resolve(torch.device("cuda"), 900, True)
+    with pytest.raises(ValueError, match="backend='faiss' is unknown"):
+        Engine(backend="faiss")
+    a = knn(clustered, 5, progress=False)  # every choice auto
+    b = knn(clustered, 5, engine=Engine(backend="torch", merge="torch"), progress=False)
     torch.testing.assert_close(a.distances, b.distances, rtol=1e-4, atol=1e-4)
 
 
@@ -152,14 +165,17 @@ def test_auto_backend_reads_the_table(clustered, monkeypatch):
 def test_reduced_precision_with_a_full_pool_is_exact(clustered, precision):
     """With every bank row in the candidate pool the exact re-ranking must give fp32's answer."""
     exact = knn(clustered, 6, progress=False)
-    low = knn(clustered, 6, precision=precision, pool=900, block_size=256, progress=False)
+    engine = Engine(precision=precision, pool=900, block_size=256)
+    low = knn(clustered, 6, engine=engine, progress=False)
     torch.testing.assert_close(low.distances, exact.distances, rtol=1e-5, atol=1e-5)
     assert (low.indices == exact.indices).float().mean() > 0.999
 
 
 def test_symmetric_with_explicit_ids(clustered):
     ids = torch.arange(900) // 2  # rows 2i and 2i+1 are "the same patch"
-    nb = knn(clustered, 4, exclude="self", query_ids=ids, block_size=128, progress=False)
+    nb = knn(
+        clustered, 4, exclude="self", query_ids=ids, engine=Engine(block_size=128), progress=False
+    )
     ref_d, ref_i = brute(clustered, clustered, 4, ids[:, None] == ids[None, :])
     assert_same(nb, ref_d, ref_i)
 
@@ -187,12 +203,12 @@ def test_keops_agrees_with_torch_on_real_features(tiny_demo):
     for exclude in ("self", "image"):
         kw = dict(exclude=exclude, query_groups=groups, progress=False)
         a = knn(bank, 9, **kw)
-        b = knn(bank, 9, backend="keops", **kw)
+        b = knn(bank, 9, engine=Engine(backend="keops"), **kw)
         torch.testing.assert_close(a.distances, b.distances, rtol=1e-4, atol=1e-3)
         assert (a.indices == b.indices).float().mean() > 0.99
 
 
-# --- the compiled CPU merge (patchlab._merge_cpu) -------------------------------------------
+# --- the compiled CPU merge (patchlab.knn._heaps) -------------------------------------------
 
 
 def reference_merge(blocks, n, k):
@@ -216,7 +232,7 @@ def reference_merge(blocks, n, k):
 
 
 def run_heaps(blocks, n, k):
-    from patchlab._merge_cpu import Heaps
+    from patchlab.knn._heaps import Heaps
 
     heaps = Heaps(n, k)
     for d2, r0, c0, add, both in blocks:
@@ -275,7 +291,7 @@ def test_heap_merge_wide_blocks_use_the_vectorised_path():
 
 
 def test_heap_merge_rejects_overlapping_transposes():
-    from patchlab._merge_cpu import Heaps
+    from patchlab.knn._heaps import Heaps
 
     with pytest.raises(ValueError, match="disjoint"):
         Heaps(10, 2).merge(torch.zeros(4, 4), 0, 2, both=True)
@@ -283,20 +299,17 @@ def test_heap_merge_rejects_overlapping_transposes():
 
 @pytest.mark.parametrize("exclude", ["self", "nearest", "image", "none"])
 @pytest.mark.parametrize("symmetric", [True, False])
-def test_cpu_heaps_agree_with_the_torch_merge(clustered, monkeypatch, exclude, symmetric):
+def test_cpu_heaps_agree_with_the_torch_merge(clustered, exclude, symmetric):
     """The CPU heap merge and the torch merge (CUDA's) give the same tables, every mode."""
-    from patchlab import knn as knn_module
-
     groups = torch.arange(900) // 30
-    kw = dict(exclude=exclude, query_groups=groups, block_size=64, progress=False)
+    kw = dict(exclude=exclude, query_groups=groups, progress=False)
     if not symmetric:  # queries != bank: every query against the bank's other rows
         bank_rows = torch.arange(1, 900, 2)
         kw.update(bank=clustered[bank_rows], query_ids=torch.arange(900), bank_ids=bank_rows)
         kw.update(bank_groups=groups[bank_rows])
     k = 70  # wider than the first block's candidates of some rows once excluded
-    heaps = knn(clustered, k, **kw)
-    monkeypatch.setattr(knn_module, "CPU_HEAPS", False)
-    plain = knn(clustered, k, **kw)
+    heaps = knn(clustered, k, engine=Engine(block_size=64, merge="heaps"), **kw)
+    plain = knn(clustered, k, engine=Engine(block_size=64, merge="torch"), **kw)
     torch.testing.assert_close(heaps.distances, plain.distances, rtol=0, atol=0)
     # where the neighbours differ, they are ties: equally far in float64 too
     rows, cols = (heaps.indices != plain.indices).nonzero(as_tuple=True)
@@ -308,13 +321,14 @@ def test_cpu_heaps_agree_with_the_torch_merge(clustered, monkeypatch, exclude, s
     torch.testing.assert_close(near_a, near_b, rtol=1e-5, atol=1e-6)
 
 
+SMALL_CLUSTERS = Engine(skip=True, cluster_rows=32, block_size=128)  # a 900-row bank reordered
+
+
 @pytest.fixture
 def small_clusters(monkeypatch):
-    """Let a 900-row bank be reordered into clusters of ~32 rows (normally >= 8192 rows)."""
-    from patchlab import _blocks
+    """Count the block pairs the skipping search tests, and how many it skips."""
+    from patchlab.knn import _blocks
 
-    monkeypatch.setattr(_blocks, "MIN_ROWS", 0)
-    monkeypatch.setattr(_blocks, "CLUSTER_ROWS", 32)
     skipped = []
     original = _blocks.ClusterBlocks.skippable
 
@@ -330,7 +344,9 @@ def small_clusters(monkeypatch):
 @pytest.mark.parametrize("exclude", ["self", "nearest", "image", "none"])
 def test_skipping_block_pairs_stays_exact(clustered, small_clusters, exclude):
     groups = torch.arange(900) // 30
-    nb = knn(clustered, 10, exclude=exclude, query_groups=groups, block_size=128, progress=False)
+    nb = knn(
+        clustered, 10, exclude=exclude, query_groups=groups, engine=SMALL_CLUSTERS, progress=False
+    )
     if exclude == "nearest":
         ref_d, ref_i = brute(clustered, clustered, 11)
         ref_d, ref_i = ref_d[:, 1:], ref_i[:, 1:]
@@ -347,18 +363,17 @@ def test_skipping_block_pairs_stays_exact(clustered, small_clusters, exclude):
 
 def test_skipping_with_explicit_ids(clustered, small_clusters):
     ids = torch.arange(900) // 2  # rows 2i and 2i+1 are "the same patch"
-    nb = knn(clustered, 4, exclude="self", query_ids=ids, block_size=128, progress=False)
+    nb = knn(clustered, 4, exclude="self", query_ids=ids, engine=SMALL_CLUSTERS, progress=False)
     ref_d, ref_i = brute(clustered, clustered, 4, ids[:, None] == ids[None, :])
     assert_same(nb, ref_d, ref_i)
     assert any(small_clusters)
 
 
-def test_block_bound_is_below_every_distance(clustered, monkeypatch):
+def test_block_bound_is_below_every_distance(clustered):
     """||f - mu_B|| - rho_B <= min_{m in B} ||f - m|| for every row f and block B."""
-    from patchlab import _blocks
+    from patchlab.knn import _blocks
 
-    monkeypatch.setattr(_blocks, "CLUSTER_ROWS", 64)
-    blocks = _blocks.ClusterBlocks(clustered, 128)
+    blocks = _blocks.ClusterBlocks(clustered, 128, cluster_rows=64)
     x = clustered[blocks.order]
     blocks.measure(x)
     assert sorted(blocks.order.tolist()) == list(range(900))

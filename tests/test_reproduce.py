@@ -51,7 +51,7 @@ def test_resume_skips_finished_cells(tiny_demo, tmp_path, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("a finished cell was recomputed")
 
-    monkeypatch.setattr(rep, "_blind_cell", boom)
+    monkeypatch.setattr(rep, "run", boom)
     assert main(args) == 0
     assert rows_of(tmp_path / "table7.csv") == first
 
@@ -80,7 +80,7 @@ def test_resume_on_a_category_folder_and_settings_guard(tiny_demo, tmp_path, mon
     assert main(args) == 0
     first = rows_of(tmp_path / "table5.csv")
     assert len(first) == 7 and {r["category"] for r in first} == {""}
-    monkeypatch.setattr(rep, "_blind_cell", lambda *a, **k: pytest.fail("recomputed"))
+    monkeypatch.setattr(rep, "run", lambda *a, **k: pytest.fail("recomputed"))
     assert main(args) == 0 and rows_of(tmp_path / "table5.csv") == first
     assert main(args + ["--seed", "3"]) == 2  # other weights: refuse to mix the tables
 

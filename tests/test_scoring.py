@@ -107,7 +107,7 @@ def test_support_distances_match_a_brute_force(exclude, coreset):
         )
     else:
         table = knn(flat, 3, exclude=exclude, query_groups=groups, progress=False)
-    got = support_distances(patch, feats, table, b=4, bank_rows=bank_rows)
+    got = support_distances(patch, ScoringInputs(feats, table, bank_rows), b=4)
     want = _support_brute_force(feats, patch, bank_rows, exclude, 4)
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-6)
 
@@ -141,7 +141,7 @@ def test_patchcore_and_literal_eq3_agree_for_patchcore_scores():
     feats = torch.randn(5, 4, 4, 8, generator=g)
     table = knn(feats.reshape(-1, 8), 9, progress=False)
     patch = table.distances[:, 0].reshape(5, 4, 4)
-    support = support_distances(patch, feats, table, b=9)
+    support = support_distances(patch, ScoringInputs(feats, table), b=9)
     torch.testing.assert_close(
         support[:, 0], patch.reshape(5, -1).amax(1).double(), rtol=1e-5, atol=1e-6
     )
@@ -149,7 +149,7 @@ def test_patchcore_and_literal_eq3_agree_for_patchcore_scores():
         image_scores(patch, "eq3", support), image_scores(patch, "patchcore", support), rtol=1e-5
     )
     with pytest.raises(ValueError, match="b=81 must lie in"):
-        support_distances(patch, feats, table, b=81)
+        support_distances(patch, ScoringInputs(feats, table), b=81)
 
 
 def test_negative_eq3_weights_warn_and_are_counted(tiny_demo):

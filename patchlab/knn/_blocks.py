@@ -45,9 +45,11 @@ class ClusterBlocks:
         Row ranges of the blocks in the reordered bank (each within one cluster).
     """
 
-    def __init__(self, x: torch.Tensor, block_size: int, seed: int = 0) -> None:
+    def __init__(
+        self, x: torch.Tensor, block_size: int, cluster_rows: int = CLUSTER_ROWS, seed: int = 0
+    ) -> None:
         n = x.shape[0]
-        n_clusters = max(2, round(n / min(CLUSTER_ROWS, block_size)))
+        n_clusters = max(2, round(n / min(cluster_rows, block_size)))
         label = _lloyd(x, n_clusters, seed)
         self.order = torch.argsort(label, stable=True)
         counts = torch.bincount(label, minlength=n_clusters).tolist()
@@ -82,9 +84,10 @@ class ClusterBlocks:
         self.to_centre = to_centre
 
     @staticmethod
-    def worth_it(n: int, block_size: int) -> bool:
-        """Whether a bank of n rows is reordered: large enough, and the bound table fits."""
-        blocks = round(n / min(CLUSTER_ROWS, block_size)) + n // block_size + 1
+    def worth_it(n: int, block_size: int, cluster_rows: int = CLUSTER_ROWS) -> bool:
+        """Whether a bank of n rows is worth reordering: large enough, and the bound table
+        (rows x blocks) fits in :data:`MAX_BOUND_ENTRIES`."""
+        blocks = round(n / min(cluster_rows, block_size)) + n // block_size + 1
         return n >= MIN_ROWS and n * blocks <= MAX_BOUND_ENTRIES
 
     def pairs(self) -> list[tuple[int, int]]:

@@ -1,4 +1,4 @@
-"""The KeOps backend of :func:`patchlab.knn.knn`: a symbolic (LazyTensor) k-min reduction.
+"""The ``keops`` backend of :func:`patchlab.knn.knn`: a symbolic (LazyTensor) k-min reduction.
 
 KeOps never materialises the distance matrix; it compiles one kernel per formula (g++ on the
 CPU, nvrtc on CUDA) on first use and caches it on disk. The formula, for query i and bank
@@ -24,7 +24,7 @@ import shutil
 import torch
 from tqdm.auto import tqdm
 
-from patchlab.knn import centred
+from patchlab.knn._common import centred
 
 PENALTY = 1e30
 
@@ -54,8 +54,13 @@ def _check_compiler(device: torch.device) -> None:
         )
 
 
-def knn_keops(queries, bank, k, ids, groups, block_size, progress):
-    """Squared distances (n_q, k) and indices (n_q, k) by a KeOps k-min reduction."""
+def search(queries, bank, k, symmetric, ids, groups, engine, progress):
+    """Squared distances (n_q, k) and indices (n_q, k) by a KeOps k-min reduction.
+
+    The same interface as :func:`patchlab.knn._gemm.search`; ``engine.block_size`` query rows
+    go to each reduction (8192 by default), ``symmetric`` changes nothing here.
+    """
+    block_size = engine.block_size
     device = queries.device
     _check_compiler(device)
     LazyTensor = _pykeops()

@@ -216,10 +216,17 @@ class Heaps:
         Neighbours kept per row.
     """
 
-    def __init__(self, n: int, k: int) -> None:
+    def __init__(self, n: int, k: int, buffer: int = 0) -> None:
         empty = np.int64(0x7F800000) << np.int64(32) | np.int64(EMPTY_INDEX)  # key(+inf, -)
         self.keys = np.full((n, k), empty, np.int64)  # (n, k) max-heaps of keys
         self.kth = np.full(n, np.inf, np.float32)  # (n,) each row's current k-th best
+        self._buffer = torch.empty(buffer)  # one block buffer: no allocation, no page faults
+
+    def buffer(self, rows: int, cols: int) -> torch.Tensor:
+        """A (rows, cols) float32 view of the block buffer (the GEMM's ``out``)."""
+        if rows * cols > self._buffer.numel():
+            self._buffer = torch.empty(rows * cols)
+        return self._buffer[: rows * cols].view(rows, cols)
 
     def merge(
         self,

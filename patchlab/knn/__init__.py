@@ -1,0 +1,290 @@
+"""Exact k-nearest neighbours of patch features: the one kNN of patchlab.
+
+Every scoring method reads the same neighbour table, computed once for ``k_max``:
+
+    dist(f, m) = ||f - m||_2                                (Euclidean, never squared)
+    N_k(f)     = the k bank features m != f with the smallest dist(f, m)
+
+The bank is never held as an N x N matrix. Two backends compute the same table:
+
+- ``torch`` (:mod:`patchlab.knn._gemm`): blocks of squared distances from GEMMs,
+  ||f - m||^2 = ||f||^2 + ||m||^2 - 2<f, m>, merged into a running top-k per row; for a
+  self-kNN (queries = bank) each block pair is computed once and merged both ways; on the CPU
+  the merge is compiled (:mod:`patchlab.knn._heaps`) and useless block pairs of a large self-kNN
+  are skipped (:mod:`patchlab.knn._blocks`).
+- ``keops`` (:mod:`patchlab.knn._keops`): a PyKeOps LazyTensor k-min reduction.
+
+:class:`Engine` holds those choices; ``"auto"`` resolves them from the device and the bank
+(:meth:`Engine.resolve`, the measured rules below). Every choice returns the same neighbours, up
+to float ties.
+
+What counts as "the feature itself" (``exclude``):
+
+- ``"none"``:    nothing is excluded (queries that are not in the bank, e.g. one-class testing).
+- ``"self"``:    the bank entry with the query's own id (exact; ids default to positions).
+- ``"nearest"``: always drop the first neighbour (the paper's "k = 2" for PatchCore and SPADE).
+- ``"image"``:   every bank entry of the query's own image (needs ``query_groups``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+
+from patchlab.knn._gemm import nearest_per_group
+
+__all__ = ["BACKENDS", "EXCLUDE_MODES", "KNN_VERSION", "Engine", "Neighbours", "knn"]
+__all__ += ["nearest_per_group"]
+
+EXCLUDE_MODES = ("none", "self", "nearest", "image")
+KNN_VERSION = 2  # bump whenever the tables computed for the same inputs change (cache keys)
+BACKENDS = ("auto", "torch", "keops")
+PRECISIONS = ("auto", "fp32", "tf32", "bf16")
+MERGES = ("auto", "heaps", "torch")
+CLUSTER_ROWS = 384  # rows per cluster block when skipping (smaller bound tighter, more pairs)
+
+
+@dataclass(frozen=True)
+class Neighbours:
+    """A neighbour table.
+
+    Attributes
+    ----------
+    distances : torch.Tensor, shape (n_queries, k), float32
+        Euclidean distances to the k nearest bank features, ascending along each row.
+    indices : torch.Tensor, shape (n_queries, k), int64
+        Row indices of those features in the bank.
+    exclude : str
+        The exclusion mode the table was computed with.
+    """
+
+    distances: torch.Tensor
+    indices: torch.Tensor
+    exclude: str
+
+    @property
+    def k(self) -> int:
+        return self.distances.shape[1]
+
+    def __len__(self) -> int:
+        return self.distances.shape[0]
+
+
+@dataclass(frozen=True)
+class Engine:
+    """How :func:`knn` computes the table; ``"auto"``/``None`` fields are resolved per call.
+
+    Attributes
+    ----------
+    backend : {"auto", "torch", "keops"}
+        The search: blocked GEMM, or a KeOps LazyTensor reduction.
+    precision : {"auto", "fp32", "tf32", "bf16"}
+        GEMM precision of ``torch``. With ``tf32`` (CUDA) or ``bf16`` the search keeps
+        ``k + pool`` candidates per query, whose distances are recomputed exactly in float32
+        (from the difference) to pick the k nearest: the result equals the float32 one
+        whenever the true k nearest are among the candidates (docs/performance.md: on real
+        1024-d features ``tf32`` with pool 32 is as exact as float32; ``bf16`` is not).
+    pool : int
+        Extra candidates kept for that re-ranking.
+    block_size : int, optional
+        Rows (and columns) per block; memory grows as about ``3 * block_size**2 * 4`` bytes.
+    merge : {"auto", "heaps", "torch"}
+        ``torch`` backend on the CPU: compiled per-row heaps, or the torch merge CUDA uses.
+    skip : bool, optional
+        CPU self-kNN: reorder the bank into cluster blocks and skip the block pairs a
+        triangle-inequality bound proves useless. None: when the bank is large enough.
+    cluster_rows : int
+        Mean rows per cluster block when skipping.
+    """
+
+    backend: str = "auto"
+    precision: str = "auto"
+    pool: int = 32
+    block_size: int | None = None
+    merge: str = "auto"
+    skip: bool | None = None
+    cluster_rows: int = CLUSTER_ROWS
+
+    def __post_init__(self) -> None:
+        for name, allowed in (
+            ("backend", BACKENDS),
+            ("precision", PRECISIONS),
+            ("merge", MERGES),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"{name}={getattr(self, name)!r} is unknown; choose one of {allowed}"
+                )
+        if self.pool < 0 or (self.block_size is not None and self.block_size < 1):
+            raise ValueError("pool must be >= 0 and block_size >= 1")
+
+    def resolve(self, device: torch.device, n_bank: int, symmetric: bool) -> Engine:
+        """Every ``auto`` replaced by a concrete choice, by the rules measured with
+        ``benchmarks/knn.py`` (docs/performance.md):
+
+        - backend: ``torch``. The blocked GEMM beat KeOps on the CPU at every size measured
+          (50 000 x 64: 4.5 s against 50.7 s with native flags; 50 000 x 1024: 3.0 s against
+          a projected 1716 s), and KeOps 2.3 crashed on the CUDA machine measured.
+        - precision: ``fp32`` (the reduced ones need a re-ranking to be exact).
+        - merge: compiled ``heaps`` on the CPU (2.6 s against 7.8 s of merging at
+          50 000 x 1024), the ``torch`` merge on CUDA.
+        - skip: a CPU self-kNN of at least 8192 rows whose bound table fits in 256 MB, with
+          the ``heaps`` merge and float32 GEMMs (19.9 s -> 11.0 s on real 50 000 x 1024
+          features).
+        - block_size: 2048 on the CPU; up to 16384 on CUDA, by free memory.
+        """
+        backend = "torch" if self.backend == "auto" else self.backend
+        precision = "fp32" if self.precision == "auto" else self.precision
+        merge = self.merge
+        if merge == "auto":
+            merge = "heaps" if device.type == "cpu" else "torch"
+        if merge == "heaps" and device.type != "cpu":
+            raise ValueError("merge='heaps' runs on the CPU only; use merge='torch' on CUDA")
+        block_size = self.block_size
+        if block_size is None and backend == "torch":
+            block_size = _default_block_size(device)
+        skip = self.skip
+        if skip is None and backend == "torch":
+            from patchlab.knn._blocks import ClusterBlocks
+
+            skip = ClusterBlocks.worth_it(n_bank, block_size, self.cluster_rows)
+        skip = bool(skip) and symmetric and merge == "heaps" and precision == "fp32"
+        return replace(
+            self,
+            backend=backend,
+            precision=precision,
+            merge=merge,
+            block_size=block_size,
+            skip=skip,
+        )
+
+
+def _default_block_size(device: torch.device) -> int:
+    """2048 on the CPU; on CUDA three float32 blocks within a quarter of free memory."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(min(16384, max(1024, math.isqrt(free // 4 // 12))))
+    return 2048
+
+
+def knn(
+    queries: torch.Tensor,
+    k: int,
+    bank: torch.Tensor | None = None,
+    *,
+    exclude: str = "self",
+    query_ids: torch.Tensor | None = None,
+    bank_ids: torch.Tensor | None = None,
+    query_groups: torch.Tensor | None = None,
+    bank_groups: torch.Tensor | None = None,
+    engine: Engine | None = None,
+    progress: bool = True,
+) -> Neighbours:
+    """Exact k nearest neighbours of every query among the bank.
+
+    Parameters
+    ----------
+    queries : torch.Tensor, shape (n_queries, d), float
+        Query features. On CUDA the computation runs on CUDA.
+    k : int
+        Number of neighbours to return per query, after exclusion.
+    bank : torch.Tensor, shape (n_bank, d), optional
+        Bank features. ``None`` means the queries are the bank (self-kNN, symmetric blocks).
+    exclude : {"none", "self", "nearest", "image"}
+        What counts as the query itself; see the module docstring.
+    query_ids, bank_ids : torch.Tensor, shape (n_queries,) / (n_bank,), int64, optional
+        Identities for ``exclude="self"``: bank entry j is excluded for query i when
+        ``bank_ids[j] == query_ids[i]``. Default to positions (``arange``) for self-kNN; with a
+        separate bank both are required (e.g. coreset rows keep their index in the full set).
+    query_groups, bank_groups : torch.Tensor, shape (n_queries,) / (n_bank,), int64, optional
+        Image index of every row, for ``exclude="image"``. ``bank_groups`` defaults to
+        ``query_groups`` for self-kNN.
+    engine : Engine, optional
+        How the search runs (backend, precision, blocks); ``Engine()`` (every choice
+        ``auto``) by default. The neighbours do not depend on it, up to float ties.
+    progress : bool
+        Show a progress bar.
+
+    Returns
+    -------
+    Neighbours
+        ``distances`` (n_queries, k) float32 ascending and ``indices`` (n_queries, k) int64.
+    """
+    symmetric = bank is None
+    bank_ = queries if symmetric else bank
+    _check_inputs(queries, bank_, k, exclude)
+    engine = (engine or Engine()).resolve(queries.device, bank_.shape[0], symmetric)
+    ids, groups = _exclusion_keys(
+        exclude, symmetric, queries, query_ids, bank_ids, query_groups, bank_groups
+    )
+    excluded = _excluded_count(*ids, *groups)
+    k_search = k + 1 if exclude == "nearest" else k
+    n_b = bank_.shape[0]
+    if k_search > n_b - excluded:
+        raise ValueError(
+            f"k={k} is larger than the bank allows: {n_b} bank features, up to {excluded} "
+            f"excluded per query with exclude={exclude!r}; choose "
+            f"k <= {n_b - excluded - (k_search - k)}"
+        )
+    if engine.backend == "keops":
+        from patchlab.knn._keops import search
+    else:
+        from patchlab.knn._gemm import search
+    d2, idx = search(queries, bank_, k_search, symmetric, ids, groups, engine, progress)
+    if exclude == "nearest":
+        d2, idx = d2[:, 1:], idx[:, 1:]
+    return Neighbours(d2.clamp_min_(0).sqrt_(), idx, exclude)
+
+
+def _check_inputs(queries, bank, k, exclude) -> None:
+    if exclude not in EXCLUDE_MODES:
+        raise ValueError(f"exclude={exclude!r} is unknown; choose one of {EXCLUDE_MODES}")
+    if queries.ndim != 2 or bank.ndim != 2 or queries.shape[1] != bank.shape[1]:
+        raise ValueError(
+            f"queries and bank must be 2-D with the same width; got {tuple(queries.shape)} "
+            f"and {tuple(bank.shape)}"
+        )
+    if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    for name, x in (("queries", queries), ("bank", bank))[: 1 if bank is queries else 2]:
+        # a finite sum needs finite entries; only a non-finite one (NaN, inf or an overflow)
+        # is worth the exact, memory-hungrier check
+        if not torch.isfinite(x.sum()) and not bool(torch.isfinite(x).all()):
+            raise ValueError(f"{name} hold NaN or inf values; check the features")
+
+
+def _exclusion_keys(exclude, symmetric, queries, query_ids, bank_ids, query_groups, bank_groups):
+    """The (query key, bank key) pairs of the ids and groups an exclusion compares."""
+    device = queries.device
+    if symmetric and (bank_ids is not None or bank_groups is not None):
+        raise ValueError("self-kNN (bank=None): pass query_ids / query_groups only")
+    ids = groups = (None, None)
+    if exclude == "self":
+        if query_ids is None and symmetric:
+            query_ids = torch.arange(queries.shape[0], device=device)
+        if query_ids is None or (bank_ids is None and not symmetric):
+            raise ValueError(
+                "exclude='self' with a separate bank needs query_ids and bank_ids "
+                "(the identity of every row); use exclude='none' if queries are not in the bank"
+            )
+        query_ids = query_ids.to(device)
+        ids = (query_ids, query_ids if symmetric else bank_ids.to(device))
+    if exclude == "image":
+        if query_groups is None:
+            raise ValueError("exclude='image' needs query_groups (the image index of every query)")
+        if bank_groups is None and not symmetric:
+            raise ValueError("exclude='image' with a separate bank needs bank_groups as well")
+        query_groups = query_groups.to(device)
+        groups = (query_groups, query_groups if symmetric else bank_groups.to(device))
+    return ids, groups
+
+
+def _excluded_count(query_ids, bank_ids, query_groups, bank_groups) -> int:
+    """The most bank entries any one query can lose to exclusion."""
+    for key in (bank_ids, bank_groups):
+        if key is not None:
+            return int(torch.unique(key, return_counts=True)[1].max())
+    return 0

@@ -1,0 +1,275 @@
+"""The ``torch`` backend: exact kNN by blocked GEMMs and a running top-k per row.
+
+A block of squared distances comes from one GEMM,
+
+    ||f - m||^2 = ||f||^2 + ||m||^2 - 2 <f, m>,
+
+and only the entries below each row's current k-th best can enter its top-k. The merge is a
+compiled per-row heap on the CPU (:mod:`patchlab.knn._heaps`) and a torch threshold merge on
+CUDA (:class:`TorchMerge`). For a self-kNN each block pair (i <= j) is computed once and
+merged into the rows of both blocks; on the CPU the bank can first be reordered into
+cluster-aligned blocks whose useless pairs are skipped (:mod:`patchlab.knn._blocks`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from patchlab.knn._common import centred, mask_excluded
+
+
+@dataclass
+class _Layout:
+    """Which block pairs to compute, in which order, over which (possibly reordered) rows."""
+
+    rows: list[tuple[int, int]]  # row ranges of the blocks
+    cols: list[tuple[int, int]]  # column ranges (the rows' own for a self-kNN)
+    pairs: list[tuple[int, int]]  # (row block, column block), diagonal first for a self-kNN
+    blocks: object = None  # ClusterBlocks when the bank was reordered, else None
+
+
+def search(queries, bank, k, symmetric, ids, groups, engine, progress):
+    """Squared distances (n_q, k) ascending and bank indices (n_q, k) of the k nearest.
+
+    ``engine`` is a resolved :class:`patchlab.knn.Engine`; ``ids``/``groups`` are (query key,
+    bank key) pairs or (None, None). Entries that cannot be filled are (+inf, -1).
+    """
+    q, b = centred(queries, bank, symmetric)
+    q_norm, b_norm = (q * q).sum(1), (b * b).sum(1)
+    n_q, n_b, bs = q.shape[0], b.shape[0], engine.block_size
+    low = {"bf16": torch.bfloat16}.get(engine.precision)
+    wide = k if engine.precision == "fp32" else min(k + engine.pool, n_b)
+    merge = _merger(engine.merge, n_q, wide, bs, n_b, q.device)
+    layout = _layout(q, n_b, bs, symmetric, engine)
+    if layout.blocks is not None:  # the bank reordered into cluster blocks, undone at the end
+        order = layout.blocks.order
+        q, q_norm = q[order], q_norm[order]
+        b, b_norm = q, q_norm
+        ids, groups = (_reorder(ids, order, n_q), _reorder(groups, order, n_q))
+        layout.blocks.measure(q)
+        layout.pairs = layout.blocks.pairs()  # diagonal first, then by centroid distance
+        # float32 rounding of a GEMM-form squared distance: well under 1e-5 (||f||^2 + ||m||^2)
+        margin = (1e-5 * (q_norm + q_norm.max())).numpy()
+    q_low, b_low = (q.to(low), b.to(low)) if low else (None, None)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = engine.precision == "tf32"
+    try:
+        for ri, ci in tqdm(layout.pairs, desc="neighbours", unit="block", disable=not progress):
+            if ri != ci and layout.blocks is not None:
+                if layout.blocks.skippable(ri, ci, merge.kth, margin):
+                    continue
+            (r0, r1), (c0, c1) = layout.rows[ri], layout.cols[ci]
+            # ||m||^2 - 2<f, m> in the GEMM; ||f||^2 is added by the merge
+            if low:
+                d2 = (q_low[r0:r1] @ b_low[c0:c1].T).float().mul_(-2.0)
+                d2.add_(b_norm[None, c0:c1])
+            else:
+                out = merge.buffer(r1 - r0, c1 - c0)
+                d2 = torch.addmm(b_norm[None, c0:c1], q[r0:r1], b[c0:c1].T, alpha=-2.0, out=out)
+            mask_excluded(d2, r0, r1, c0, c1, ids, groups)  # +inf stays +inf below
+            merge.merge(d2, r0, c0, q_norm[r0:r1], both=symmetric and c0 != r0)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    best_d, best_i = merge.result()
+    if engine.precision != "fp32":  # the candidates' exact distances, then the k best
+        best_d, best_i = rerank(q, b, best_i, k)
+    refine_near_duplicates(best_d, best_i, q, b, q_norm, b_norm)
+    if layout.blocks is not None:  # back to the caller's row order and indices
+        out_d, out_i = torch.empty_like(best_d), torch.empty_like(best_i)
+        out_d[order] = best_d
+        out_i[order] = torch.where(best_i >= 0, order[best_i.clamp_min(0)], -1)
+        best_d, best_i = out_d, out_i
+    return best_d, best_i
+
+
+def _merger(kind: str, n: int, k: int, block_size: int, n_bank: int, device: torch.device):
+    """The running top-k of every row: compiled heaps (CPU) or the torch merge."""
+    if kind == "heaps":
+        from patchlab.knn._heaps import Heaps
+
+        return Heaps(n, k, buffer=min(block_size, n) * min(block_size, n_bank))
+    return TorchMerge(n, k, device)
+
+
+def _layout(q: torch.Tensor, n_b: int, bs: int, symmetric: bool, engine) -> _Layout:
+    """Block ranges and pairs; cluster-aligned (reordered) blocks when the engine skips."""
+    n_q = q.shape[0]
+    if symmetric and engine.skip:
+        from patchlab.knn._blocks import ClusterBlocks
+
+        blocks = ClusterBlocks(q, bs, engine.cluster_rows)  # pairs follow once measured
+        return _Layout(blocks.ranges, blocks.ranges, [], blocks)
+    rows = [(s, min(s + bs, n_q)) for s in range(0, n_q, bs)]
+    cols = rows if symmetric else [(s, min(s + bs, n_b)) for s in range(0, n_b, bs)]
+    pairs = [(i, j) for i in range(len(rows)) for j in range(len(cols)) if not symmetric or j >= i]
+    if symmetric:
+        # diagonal blocks first: every row's top-k is first filled from a block of its own
+        # rows, where it stays in cache, and the transposed pass meets tight thresholds
+        pairs.sort(key=lambda p: p[0] != p[1])
+    return _Layout(rows, cols, pairs)
+
+
+def _reorder(pair, order, n):
+    """(query key, bank key) of an exclusion, for the reordered bank of a self-kNN.
+
+    Default ids (every row its own identity) stay positions, so only diagonal blocks meet."""
+    key = pair[0]
+    if key is None:
+        return pair
+    if torch.equal(key, torch.arange(n, device=key.device)):
+        return key, key
+    key = key[order]
+    return key, key
+
+
+class TorchMerge:
+    """The running top-k of every row as sorted (n, k) tables, merged with torch ops (CUDA)."""
+
+    kth = None  # no block skipping on this path
+
+    def __init__(self, n: int, k: int, device: torch.device) -> None:
+        self.best_d = torch.full((n, k), math.inf, device=device)
+        self.best_i = torch.full((n, k), -1, dtype=torch.int64, device=device)
+
+    def buffer(self, rows: int, cols: int) -> None:
+        return None  # a fresh block each time (the GEMM allocates)
+
+    def merge(self, d2, r0, c0, add, both=False) -> None:
+        d2.add_(add[:, None])
+        _merge(self.best_d, self.best_i, d2, r0, c0)
+        if both:
+            _merge(self.best_d, self.best_i, d2, c0, r0, transposed=True)
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.best_d, self.best_i
+
+
+def _merge(best_d, best_i, d2, r0, c0, transposed=False) -> None:
+    """Merge one block of squared distances into the running top-k of its rows, in place.
+
+    The block's rows are ``r0 + i`` and its columns ``c0 + j``; with ``transposed`` the roles
+    swap (rows of the table are the block's columns), which lets the symmetric pass reuse a
+    block for both row ranges without copying it. Only entries strictly below a row's current
+    k-th best can enter its top-k, so only those are gathered: after the first blocks they are
+    a small fraction of the block. Rows with more than k candidates take a plain top-k of their
+    block row instead, so no candidate table is ever wider than k.
+    """
+    k = best_d.shape[1]
+    block = d2.T if transposed else d2  # a view: (table rows, candidates)
+    kth = best_d[r0 : r0 + block.shape[0], k - 1]
+    if transposed:
+        # transpose the (1-byte) mask rather than the block: nonzero() comes out row-grouped
+        row, col = (d2 < kth[None, :]).T.contiguous().nonzero(as_tuple=True)
+    else:
+        row, col = (d2 < kth[:, None]).nonzero(as_tuple=True)
+    if row.numel() == 0:
+        return
+    touched, counts = torch.unique_consecutive(row, return_counts=True)
+    heavy = counts > k
+    parts = []  # (table rows, candidate distances, candidate columns)
+    if heavy.any():  # many candidates: a top-k of the block row
+        rows_h = touched[heavy]
+        vals, pos = block[rows_h].topk(min(k, block.shape[1]), dim=1, largest=False)
+        parts.append((rows_h, vals, pos + c0))
+    if not heavy.all():  # few candidates: pad each row's into a (rows, <= k) table
+        parts.append(_padded(block, row, col, touched, counts, heavy, c0))
+    for rows, cand_d, cand_i in parts:
+        target = rows + r0
+        all_d = torch.cat([best_d[target], cand_d], 1)
+        all_i = torch.cat([best_i[target], cand_i], 1)
+        top_d, pos = all_d.topk(k, dim=1, largest=False)
+        best_d[target] = top_d
+        best_i[target] = all_i.gather(1, pos)
+
+
+def _padded(block, row, col, touched, counts, heavy, c0):
+    """The candidates of the rows with at most k of them, as (rows, width) padded tables."""
+    light = torch.repeat_interleave(~heavy, counts)
+    row, col, counts = row[light], col[light], counts[~heavy]
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(row.numel(), device=block.device) - torch.repeat_interleave(starts, counts)
+    line = torch.repeat_interleave(torch.arange(counts.numel(), device=block.device), counts)
+    width = int(counts.max())
+    cand_d = torch.full((counts.numel(), width), math.inf, device=block.device)
+    cand_i = torch.full((counts.numel(), width), -1, dtype=torch.int64, device=block.device)
+    cand_d[line, slot] = block[row, col]
+    cand_i[line, slot] = col + c0
+    return touched[~heavy], cand_d, cand_i
+
+
+def rerank(queries, bank, idx, k):
+    """Exact float32 squared distances to every candidate, then the k smallest of each row."""
+    chunk = max(1, 2**25 // (idx.shape[1] * bank.shape[1]))  # (chunk, wide, d) <= 128 MB
+    out_d = torch.empty(idx.shape[0], k, device=idx.device)
+    out_i = torch.empty(idx.shape[0], k, dtype=torch.int64, device=idx.device)
+    for s in range(0, idx.shape[0], chunk):
+        cand = idx[s : s + chunk]
+        q = queries[s : s + chunk].float()
+        diff = bank[cand.clamp_min(0)].float() - q[:, None, :]  # (chunk, wide, d)
+        d2 = diff.pow_(2).sum(2).masked_fill_(cand < 0, math.inf)
+        top, pos = d2.topk(k, dim=1, largest=False)
+        out_d[s : s + chunk], out_i[s : s + chunk] = top, cand.gather(1, pos)
+    return out_d, out_i
+
+
+def refine_near_duplicates(best_d, best_i, q, b, q_norm, b_norm, rel: float = 1e-3) -> None:
+    """Recompute, as ||f - m||^2 directly, the distances that the GEMM form cannot resolve.
+
+    ||f||^2 + ||m||^2 - 2<f, m> loses about eps * (||f||^2 + ||m||^2) to rounding: for near
+    duplicates (overlapping patches) that is the whole distance. Those few entries are
+    recomputed from the difference, and their rows re-sorted.
+    """
+    found = best_i >= 0
+    scale = q_norm[:, None] + b_norm[best_i.clamp_min(0)]
+    rows, cols = ((best_d < rel * scale) & found).nonzero(as_tuple=True)
+    if rows.numel() == 0:
+        return
+    for s in range(0, rows.numel(), 65536):  # bounded memory: 65536 x d at a time
+        r, c = rows[s : s + 65536], cols[s : s + 65536]
+        best_d[r, c] = (q[r] - b[best_i[r, c]]).pow(2).sum(1)
+    touched = torch.unique(rows)
+    order = best_d[touched].argsort(dim=1, stable=True)
+    best_d[touched] = best_d[touched].gather(1, order)
+    best_i[touched] = best_i[touched].gather(1, order)
+
+
+def nearest_per_group(
+    queries: torch.Tensor, bank: torch.Tensor, group_size: int, progress: bool = True
+) -> torch.Tensor:
+    """Distance from every query to its nearest bank row within each group of the bank.
+
+    The bank's rows form consecutive groups of ``group_size`` (e.g. the 784 patches of each
+    image); the same blocked GEMM form as :func:`patchlab.knn.knn` is used, never an N x N
+    matrix.
+
+    Parameters
+    ----------
+    queries : torch.Tensor, shape (n_queries, d)
+    bank : torch.Tensor, shape (n_groups * group_size, d)
+    group_size : int
+
+    Returns
+    -------
+    torch.Tensor, shape (n_queries, n_groups), float32
+        ``out[i, g] = min_{m in group g} ||queries[i] - m||_2``.
+    """
+    if bank.shape[0] % group_size:
+        raise ValueError(f"bank rows ({bank.shape[0]}) are not a multiple of group_size")
+    q, b = centred(queries, bank)
+    q_norm, b_norm = (q * q).sum(1), (b * b).sum(1)
+    n_groups = bank.shape[0] // group_size
+    out = torch.empty(q.shape[0], n_groups, device=q.device)
+    budget = 2**22 if q.device.type == "cpu" else 2**28  # distances per block (16 MB / 1 GB)
+    rows = max(256, math.isqrt(budget))  # query rows per block
+    per = max(1, budget // (rows * group_size))  # groups per column block
+    blocks = [(r, g) for r in range(0, q.shape[0], rows) for g in range(0, n_groups, per)]
+    for r, g in tqdm(blocks, desc="per-image nearest", unit="block", disable=not progress):
+        c0, c1 = g * group_size, min(n_groups, g + per) * group_size
+        d2 = torch.addmm(b_norm[None, c0:c1], q[r : r + rows], b[c0:c1].T, alpha=-2.0)
+        d2.add_(q_norm[r : r + rows, None])
+        out[r : r + rows, g : g + per] = d2.view(d2.shape[0], -1, group_size).amin(2)
+    return out.clamp_min_(0).sqrt_()
