@@ -49,13 +49,15 @@ BACKBONE_NOTE = (
 )
 
 
-def notebook(cells: list[tuple[str, str]]) -> nbformat.NotebookNode:
+def notebook(name: str, cells: list[tuple[str, str]]) -> nbformat.NotebookNode:
     nb = new_notebook()
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
                                  "language": "python"}
     nb.metadata["language_info"] = {"name": "python"}
-    for kind, text in cells:
-        nb.cells.append(new_markdown_cell(text) if kind == "md" else new_code_cell(text))
+    for i, (kind, text) in enumerate(cells):
+        cell = new_markdown_cell(text) if kind == "md" else new_code_cell(text)
+        cell.id = f"{name.split('_')[0]}-{i:02d}"  # stable ids: regenerating changes nothing
+        nb.cells.append(cell)
     return nb
 
 
@@ -515,7 +517,7 @@ NOTEBOOKS = {
 
 def main() -> None:
     for name, cells in NOTEBOOKS.items():
-        nb = notebook(cells)
+        nb = notebook(name, cells)
         nbformat.validate(nb)
         nbformat.write(nb, HERE / name)
         print("wrote", HERE / name)

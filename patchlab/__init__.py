@@ -1,8 +1,9 @@
 """patchlab: blind anomaly detection and localisation with PatchCluster.
 
-The pipeline, one module per step::
+The pipeline, one module per step (docs/architecture.md)::
 
-    data -> features -> knn -> methods -> maps -> metrics     (experiment runs them in order)
+    data -> backbones, features -> [coreset] -> knn -> methods -> maps -> metrics
+    (experiment runs them in order, through cache; outputs writes a run; reproduce, cli)
 """
 
 __version__ = "0.1.0"

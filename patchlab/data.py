@@ -19,6 +19,8 @@ setting   images in the set (and in the memory bank)   image AUROC
 
 from __future__ import annotations
 
+import functools
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -227,8 +229,20 @@ def preprocess(
 
 
 def load_display(path: Path, resize: int = 256, crop: int | None = 224) -> np.ndarray:
-    """The image as the model sees it, for plotting: (S, S, 3) uint8."""
-    return np.asarray(_resize_crop(read_rgb(path), Image.BILINEAR, resize, crop))
+    """The image as the model sees it, for plotting: (S, S, 3) uint8, read-only.
+
+    Kept in one in-memory cache for every figure and widget (the last 512 images), keyed by
+    the file's path, size and modification time, so an edited file is read again.
+    """
+    stat = os.stat(path)
+    return _display(str(path), stat.st_size, stat.st_mtime_ns, resize, crop)
+
+
+@functools.lru_cache(maxsize=512)
+def _display(path: str, size: int, mtime_ns: int, resize: int, crop: int | None) -> np.ndarray:
+    image = np.asarray(_resize_crop(read_rgb(path), Image.BILINEAR, resize, crop))
+    image.setflags(write=False)
+    return image
 
 
 def load_masks(images: ImageSet, resize: int = 256, crop: int | None = 224) -> np.ndarray:

@@ -284,42 +284,49 @@ def make_demo_data(
     seed, size = int(seed), int(size)
     root = Path(out)
     for category in names:
-        cat = DEMO_CATEGORIES.index(category)
         counts = {"train/good": int(n_train), "test/good": int(n_test_good)}
         counts |= {
             f"test/{d}": len(range(k, n_defective, len(DEFECT_TYPES)))
             for k, d in enumerate(DEFECT_TYPES)
         }
-        meta = {
-            "generator": "patchlab.demo",
-            "format": _FORMAT,
-            "category": category,
-            "seed": seed,
-            "size": size,
-            "counts": counts,
-        }
-        folder, meta_file = root / category, root / category / "meta.json"
-        old = _read_meta(meta_file)
-        if not overwrite and old == {**meta, "complete": True}:
-            if all((folder / f).is_file() for f in _files(counts)):
-                continue
-        elif not overwrite and old.get("generator") != meta["generator"] and folder.exists():
-            if not folder.is_dir() or any(folder.iterdir()):
-                raise FileExistsError(
-                    f"{folder} exists and was not written by make_demo_data; "
-                    "pass overwrite=True to replace it"
-                )
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True)
-        meta_file.write_text(json.dumps({**meta, "complete": False}, indent=1))
-        for split_no, (split, n) in enumerate(counts.items()):
-            for i in range(n):
-                rng = np.random.default_rng([seed, cat, split_no, i])
-                img, region = _normal(category, rng, size)
-                if split_no >= 2:
-                    kind = DEFECT_TYPES[split_no - 2]
-                    img, mask = _add_defect(img, region, kind, rng, _FOREIGN[category])
-                    _save(folder / "ground_truth" / kind / f"{i:03d}_mask.png", mask * 255.0)
-                _save(folder / split / f"{i:03d}.png", img)
-        meta_file.write_text(json.dumps({**meta, "complete": True}, indent=1))
+        _write_category(root / category, category, counts, seed, size, overwrite)
     return root
+
+
+def _write_category(
+    folder: Path, category: str, counts: dict[str, int], seed: int, size: int, overwrite: bool
+) -> None:
+    """One category's images, masks and ``meta.json``, unless already complete."""
+    meta = {
+        "generator": "patchlab.demo",
+        "format": _FORMAT,
+        "category": category,
+        "seed": seed,
+        "size": size,
+        "counts": counts,
+    }
+    meta_file = folder / "meta.json"
+    old = _read_meta(meta_file)
+    if not overwrite and old == {**meta, "complete": True}:
+        if all((folder / f).is_file() for f in _files(counts)):
+            return
+    elif not overwrite and old.get("generator") != meta["generator"] and folder.exists():
+        if not folder.is_dir() or any(folder.iterdir()):
+            raise FileExistsError(
+                f"{folder} exists and was not written by make_demo_data; "
+                "pass overwrite=True to replace it"
+            )
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    meta_file.write_text(json.dumps({**meta, "complete": False}, indent=1))
+    cat = DEMO_CATEGORIES.index(category)
+    for split_no, (split, n) in enumerate(counts.items()):
+        for i in range(n):
+            rng = np.random.default_rng([seed, cat, split_no, i])
+            img, region = _normal(category, rng, size)
+            if split_no >= 2:
+                kind = DEFECT_TYPES[split_no - 2]
+                img, mask = _add_defect(img, region, kind, rng, _FOREIGN[category])
+                _save(folder / "ground_truth" / kind / f"{i:03d}_mask.png", mask * 255.0)
+            _save(folder / split / f"{i:03d}.png", img)
+    meta_file.write_text(json.dumps({**meta, "complete": True}, indent=1))

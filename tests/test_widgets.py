@@ -113,7 +113,7 @@ def test_pixel_metrics_checkbox(result):
 
 
 def test_setting_change_prepares_once_and_caches(result, monkeypatch):
-    from patchlab import widgets
+    from patchlab.widgets import scoring as widgets
 
     widget = widgets.explore(result, n_show=8)
     calls = []
