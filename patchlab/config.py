@@ -106,7 +106,9 @@ class RunConfig:
     sigma: float = option(4.0, "Gaussian blur of the maps, pixels")
     backend: str = option("auto", "kNN backend", BACKENDS)
     precision: str = option("auto", "kNN GEMM precision (reduced ones are re-ranked)", PRECISIONS)
-    pool: int = option(32, "kNN: extra candidates re-ranked with a reduced precision")
+    pool: int | None = option(
+        None, "kNN: extra candidates ranked exactly (default 8; 32 with reduced precisions)"
+    )
     device: str = option("auto", "auto, cpu or cuda")
     batch_size: int = option(16, "images per backbone forward pass")
     cache_dir: str | None = option(None, "cache folder (default $PATCHLAB_CACHE)")

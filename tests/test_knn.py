@@ -383,3 +383,52 @@ def test_block_bound_is_below_every_distance(clustered):
     for b, (s, e) in enumerate(blocks.ranges):
         nearest = d[:, s:e].min(1).values.numpy()
         assert (blocks.to_centre[:, b] - blocks.radii[b] <= nearest + 1e-4).all()
+
+
+# --- exact neighbour sets (float64) -----------------------------------------------------------
+
+
+def float64_sets(bank, k, exclude, groups):
+    """Sorted index sets of the k nearest by a float64 brute force, as knn defines them."""
+    d = torch.cdist(bank.double(), bank.double())
+    n = len(bank)
+    if exclude == "self":
+        d.fill_diagonal_(float("inf"))
+    elif exclude == "image":
+        d[groups[:, None] == groups[None, :]] = float("inf")
+    kk = k + 1 if exclude == "nearest" else k
+    idx = d.topk(kk, dim=1, largest=False).indices
+    if exclude == "nearest":
+        idx = idx[:, 1:]
+    assert idx.shape == (n, k)
+    return idx.sort(1).values, d.gather(1, idx)
+
+
+@pytest.mark.parametrize("exclude", ["self", "nearest", "image", "none"])
+@pytest.mark.parametrize("skip", [False, True])
+@pytest.mark.parametrize("shift", ["constant", "two far copies"])
+def test_sets_equal_float64_on_large_norm_banks(clustered, exclude, skip, shift):
+    """Norms far larger than the neighbour distances: float32's GEMM form cancels; the table
+    must still equal a float64 brute force (the uncertain rows are searched again)."""
+    base = clustered[:600] - 100.0
+    if shift == "constant":
+        bank = base + 3e3  # removed by centring
+    else:  # two copies far apart: centring cannot help, every row is uncertain in float32
+        bank = torch.cat([base[:300], base[300:] + 1e4])
+    groups = torch.arange(600) // 20
+    engine = Engine(skip=skip, cluster_rows=32, block_size=128)
+    nb = knn(bank, 8, exclude=exclude, query_groups=groups, engine=engine, progress=False)
+    ref_sets, ref_d = float64_sets(bank, 8, exclude, groups)
+    assert torch.equal(nb.indices.sort(1).values, ref_sets)
+    torch.testing.assert_close(nb.distances.double(), ref_d.sort(1).values, rtol=1e-6, atol=0)
+
+
+def test_exact_rerank_breaks_ties_by_index():
+    from patchlab.knn._exact import rerank
+
+    bank = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [5.0, 5.0]])
+    query = torch.zeros(1, 2)
+    d2, idx = rerank(query, bank, torch.tensor([[3, 2, -1, 0, 1]]), 3)
+    assert idx.tolist() == [[0, 1, 2]] and d2.tolist() == [[1.0, 1.0, 1.0]]
+    d2, idx = rerank(query, bank, torch.tensor([[3, -1]]), 2)  # fewer candidates than k
+    assert idx.tolist() == [[3, -1]] and d2[0, 1] == float("inf")

@@ -34,15 +34,16 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
+from patchlab.knn._exact import rerank, uncertain_rows
 from patchlab.knn._gemm import nearest_per_group
 
 __all__ = ["BACKENDS", "EXCLUDE_MODES", "KNN_VERSION", "Engine", "Neighbours", "knn"]
 __all__ += ["nearest_per_group"]
 
 EXCLUDE_MODES = ("none", "self", "nearest", "image")
-KNN_VERSION = 2  # bump whenever the tables computed for the same inputs change (cache keys)
+KNN_VERSION = 3  # bump whenever the tables computed for the same inputs change (cache keys)
 BACKENDS = ("auto", "torch", "keops")
-PRECISIONS = ("auto", "fp32", "tf32", "bf16")
+PRECISIONS = ("auto", "fp32", "tf32", "bf16", "fp64")
 MERGES = ("auto", "heaps", "torch")
 CLUSTER_ROWS = 384  # rows per cluster block when skipping (smaller bound tighter, more pairs)
 
@@ -81,14 +82,18 @@ class Engine:
     ----------
     backend : {"auto", "torch", "keops"}
         The search: blocked GEMM, or a KeOps LazyTensor reduction.
-    precision : {"auto", "fp32", "tf32", "bf16"}
-        GEMM precision of ``torch``. With ``tf32`` (CUDA) or ``bf16`` the search keeps
-        ``k + pool`` candidates per query, whose distances are recomputed exactly in float32
-        (from the difference) to pick the k nearest: the result equals the float32 one
-        whenever the true k nearest are among the candidates (docs/performance.md: on real
-        1024-d features ``tf32`` with pool 32 is as exact as float32; ``bf16`` is not).
-    pool : int
-        Extra candidates kept for that re-ranking.
+    precision : {"auto", "fp32", "tf32", "bf16", "fp64"}
+        GEMM precision of the fast pass of ``torch``. ``fp32`` is certified row by row (an
+        uncertain row is searched again in ``fp64``), so the table equals a float64 brute
+        force up to exact ties. ``tf32`` and ``bf16`` are not certified: their candidates are
+        ranked exactly, and the set is exact when the true k nearest are among them
+        (docs/performance.md: on real 1024-d features ``tf32`` with pool 32 matched float64
+        as often as ``fp32``; ``bf16`` did not).
+    pool : int, optional
+        Extra candidates the fast pass keeps per query; the k nearest are then taken by their
+        exact float64 distances (:mod:`patchlab.knn._exact`), so the table equals a float64
+        brute force whenever the true k nearest are among the k + pool. Default 8 with float32
+        GEMMs, 32 with reduced precisions.
     block_size : int, optional
         Rows (and columns) per block; memory grows as about ``3 * block_size**2 * 4`` bytes.
     merge : {"auto", "heaps", "torch"}
@@ -102,7 +107,7 @@ class Engine:
 
     backend: str = "auto"
     precision: str = "auto"
-    pool: int = 32
+    pool: int | None = None
     block_size: int | None = None
     merge: str = "auto"
     skip: bool | None = None
@@ -118,7 +123,9 @@ class Engine:
                 raise ValueError(
                     f"{name}={getattr(self, name)!r} is unknown; choose one of {allowed}"
                 )
-        if self.pool < 0 or (self.block_size is not None and self.block_size < 1):
+        if (self.pool is not None and self.pool < 0) or (
+            self.block_size is not None and self.block_size < 1
+        ):
             raise ValueError("pool must be >= 0 and block_size >= 1")
 
     def resolve(self, device: torch.device, n_bank: int, symmetric: bool) -> Engine:
@@ -128,10 +135,10 @@ class Engine:
         - backend: ``torch``. The blocked GEMM beat KeOps on the CPU at every size measured
           (50 000 x 64: 4.5 s against 50.7 s with native flags; 50 000 x 1024: 3.0 s against
           a projected 1716 s), and KeOps 2.3 crashed on the CUDA machine measured.
-        - precision: ``fp32`` on the CPU; ``tf32`` on CUDA, whose candidates (k + pool 32) are
-          re-ranked with exact float32 distances: on one H200, 300 000 x 1024 took 2.73 s
-          against 3.92 s, and on real features it matched a float64 search at least as often
-          as the fp32 GEMM form (docs/performance.md, precision pool study).
+        - precision: ``fp32``, whose rounding is certified row by row (rows it cannot certify
+          are searched again in float64, :mod:`patchlab.knn._exact`). ``tf32`` was 1.4x
+          faster on one H200 (300 000 x 1024) and matched float64 as often on real features,
+          but its rounding is too coarse to certify: it is offered, never chosen.
         - merge: compiled ``heaps`` on the CPU (2.6 s against 7.8 s of merging at
           50 000 x 1024), the ``torch`` merge on CUDA.
         - skip: a CPU self-kNN of at least 8192 rows whose bound table fits in 256 MB, with
@@ -140,9 +147,8 @@ class Engine:
         - block_size: 2048 on the CPU; up to 16384 on CUDA, by free memory.
         """
         backend = "torch" if self.backend == "auto" else self.backend
-        precision = self.precision
-        if precision == "auto":
-            precision = "tf32" if device.type == "cuda" and backend == "torch" else "fp32"
+        precision = "fp32" if self.precision == "auto" else self.precision
+        pool = self.pool if self.pool is not None else (8 if precision == "fp32" else 32)
         merge = self.merge
         if merge == "auto":
             merge = "heaps" if device.type == "cpu" else "torch"
@@ -161,6 +167,7 @@ class Engine:
             self,
             backend=backend,
             precision=precision,
+            pool=pool,
             merge=merge,
             block_size=block_size,
             skip=skip,
@@ -238,10 +245,30 @@ def knn(
         from patchlab.knn._keops import search
     else:
         from patchlab.knn._gemm import search
-    d2, idx = search(queries, bank_, k_search, symmetric, ids, groups, engine, progress)
+    # the fast pass keeps `pool` extra candidates; their exact float64 distances pick the k
+    wide = min(k_search + engine.pool, n_b - excluded)
+    fast, candidates = search(queries, bank_, wide, symmetric, ids, groups, engine, progress)
+    if engine.backend == "torch" and engine.precision == "fp32":
+        # rows the float32 GEMM form cannot certify are searched again in float64
+        redo = uncertain_rows(fast, candidates, k_search, queries, bank_).nonzero().flatten()
+        if len(redo):
+            candidates[redo] = _search_again(queries, bank_, redo, wide, ids, groups, engine)
+    d2, idx = rerank(queries, bank_, candidates, k_search)
     if exclude == "nearest":
         d2, idx = d2[:, 1:], idx[:, 1:]
-    return Neighbours(d2.clamp_min_(0).sqrt_(), idx, exclude)
+    return Neighbours(d2.sqrt_().float(), idx, exclude)
+
+
+def _search_again(queries, bank, rows, wide, ids, groups, engine) -> torch.Tensor:
+    """The candidates of some query rows by a float64 GEMM search of the whole bank."""
+    from patchlab.knn._gemm import search
+
+    def subset(pair):
+        return pair if pair[0] is None else (pair[0][rows], pair[1])
+
+    fp64 = replace(engine, precision="fp64", skip=False)
+    _, found = search(queries[rows], bank, wide, False, subset(ids), subset(groups), fp64, False)
+    return found
 
 
 def _check_inputs(queries, bank, k, exclude) -> None:

@@ -8,16 +8,19 @@ import torch
 
 
 def centred(
-    queries: torch.Tensor, bank: torch.Tensor, symmetric: bool = False
+    queries: torch.Tensor,
+    bank: torch.Tensor,
+    symmetric: bool = False,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Both sets translated by the bank mean, float32, contiguous.
+    """Both sets translated by the bank mean, in ``dtype``, contiguous.
 
     Distances are unchanged, the norms shrink, and so does the cancellation error of
-    ||f||^2 + ||m||^2 - 2<f, m> in float32. With ``symmetric`` the bank is the queries.
+    ||f||^2 + ||m||^2 - 2<f, m>. With ``symmetric`` the bank is the queries.
     """
-    mean = bank.float().mean(0, keepdim=True)
-    q = (queries.float() - mean).contiguous()
-    return q, q if symmetric else (bank.float() - mean).contiguous()
+    mean = bank.to(dtype).mean(0, keepdim=True)
+    q = (queries.to(dtype) - mean).contiguous()
+    return q, q if symmetric else (bank.to(dtype) - mean).contiguous()
 
 
 def mask_excluded(d2, r0, r1, c0, c1, ids, groups) -> None:

@@ -33,17 +33,19 @@ class _Layout:
 
 
 def search(queries, bank, k, symmetric, ids, groups, engine, progress):
-    """Squared distances (n_q, k) ascending and bank indices (n_q, k) of the k nearest.
+    """Squared distances (n_q, k) ascending and bank indices (n_q, k) of the k nearest, by the
+    float32 (or reduced-precision) GEMM form: the candidates that :func:`patchlab.knn._exact.rerank`
+    then ranks exactly.
 
     ``engine`` is a resolved :class:`patchlab.knn.Engine`; ``ids``/``groups`` are (query key,
     bank key) pairs or (None, None). Entries that cannot be filled are (+inf, -1).
     """
-    q, b = centred(queries, bank, symmetric)
+    wide64 = engine.precision == "fp64"  # float64 GEMMs: the fallback of uncertain rows
+    q, b = centred(queries, bank, symmetric, torch.float64 if wide64 else torch.float32)
     q_norm, b_norm = (q * q).sum(1), (b * b).sum(1)
     n_q, n_b, bs = q.shape[0], b.shape[0], engine.block_size
     low = {"bf16": torch.bfloat16}.get(engine.precision)
-    wide = k if engine.precision == "fp32" else min(k + engine.pool, n_b)
-    merge = _merger(engine.merge, n_q, wide, bs, n_b, q.device)
+    merge = _merger(engine.merge, n_q, k, bs, n_b, q.device)
     layout = _layout(q, n_b, bs, symmetric, engine)
     if layout.blocks is not None:  # the bank reordered into cluster blocks, undone at the end
         order = layout.blocks.order
@@ -64,20 +66,22 @@ def search(queries, bank, k, symmetric, ids, groups, engine, progress):
                     continue
             (r0, r1), (c0, c1) = layout.rows[ri], layout.cols[ci]
             # ||m||^2 - 2<f, m> in the GEMM; ||f||^2 is added by the merge
+            add = q_norm[r0:r1]
             if low:
                 d2 = (q_low[r0:r1] @ b_low[c0:c1].T).float().mul_(-2.0)
                 d2.add_(b_norm[None, c0:c1])
+            elif wide64:  # the whole form in float64, then rounded to float32 for the merge
+                d2 = torch.addmm(b_norm[None, c0:c1], q[r0:r1], b[c0:c1].T, alpha=-2.0)
+                d2 = d2.add_(add[:, None]).float()
+                add = torch.zeros(r1 - r0, device=d2.device)
             else:
                 out = merge.buffer(r1 - r0, c1 - c0)
                 d2 = torch.addmm(b_norm[None, c0:c1], q[r0:r1], b[c0:c1].T, alpha=-2.0, out=out)
             mask_excluded(d2, r0, r1, c0, c1, ids, groups)  # +inf stays +inf below
-            merge.merge(d2, r0, c0, q_norm[r0:r1], both=symmetric and c0 != r0)
+            merge.merge(d2, r0, c0, add, both=symmetric and c0 != r0)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
     best_d, best_i = merge.result()
-    if engine.precision != "fp32":  # the candidates' exact distances, then the k best
-        best_d, best_i = rerank(q, b, best_i, k)
-    refine_near_duplicates(best_d, best_i, q, b, q_norm, b_norm)
     if layout.blocks is not None:  # back to the caller's row order and indices
         out_d, out_i = torch.empty_like(best_d), torch.empty_like(best_i)
         out_d[order] = best_d
@@ -199,42 +203,6 @@ def _padded(block, row, col, touched, counts, heavy, c0):
     cand_d[line, slot] = block[row, col]
     cand_i[line, slot] = col + c0
     return touched[~heavy], cand_d, cand_i
-
-
-def rerank(queries, bank, idx, k):
-    """Exact float32 squared distances to every candidate, then the k smallest of each row."""
-    chunk = max(1, 2**25 // (idx.shape[1] * bank.shape[1]))  # (chunk, wide, d) <= 128 MB
-    out_d = torch.empty(idx.shape[0], k, device=idx.device)
-    out_i = torch.empty(idx.shape[0], k, dtype=torch.int64, device=idx.device)
-    for s in range(0, idx.shape[0], chunk):
-        cand = idx[s : s + chunk]
-        q = queries[s : s + chunk].float()
-        diff = bank[cand.clamp_min(0)].float() - q[:, None, :]  # (chunk, wide, d)
-        d2 = diff.pow_(2).sum(2).masked_fill_(cand < 0, math.inf)
-        top, pos = d2.topk(k, dim=1, largest=False)
-        out_d[s : s + chunk], out_i[s : s + chunk] = top, cand.gather(1, pos)
-    return out_d, out_i
-
-
-def refine_near_duplicates(best_d, best_i, q, b, q_norm, b_norm, rel: float = 1e-3) -> None:
-    """Recompute, as ||f - m||^2 directly, the distances that the GEMM form cannot resolve.
-
-    ||f||^2 + ||m||^2 - 2<f, m> loses about eps * (||f||^2 + ||m||^2) to rounding: for near
-    duplicates (overlapping patches) that is the whole distance. Those few entries are
-    recomputed from the difference, and their rows re-sorted.
-    """
-    found = best_i >= 0
-    scale = q_norm[:, None] + b_norm[best_i.clamp_min(0)]
-    rows, cols = ((best_d < rel * scale) & found).nonzero(as_tuple=True)
-    if rows.numel() == 0:
-        return
-    for s in range(0, rows.numel(), 65536):  # bounded memory: 65536 x d at a time
-        r, c = rows[s : s + 65536], cols[s : s + 65536]
-        best_d[r, c] = (q[r] - b[best_i[r, c]]).pow(2).sum(1)
-    touched = torch.unique(rows)
-    order = best_d[touched].argsort(dim=1, stable=True)
-    best_d[touched] = best_d[touched].gather(1, order)
-    best_i[touched] = best_i[touched].gather(1, order)
 
 
 def nearest_per_group(

@@ -197,7 +197,7 @@ def _unpack(keys, out_d, out_i):  # pragma: no cover - compiled
             out_i[r, t] = -1 if j == EMPTY_INDEX else j
 
 
-def _threads() -> int:
+def matched_threads() -> int:
     """numba's thread count, matched to torch's (and at most numba's pool)."""
     n = max(1, min(torch.get_num_threads(), config.NUMBA_NUM_THREADS))
     if get_num_threads() != n:
@@ -257,7 +257,7 @@ class Heaps:
             raise ValueError("the CPU merge indexes at most 2**32 - 2 bank rows")
         if both and r0 < c0 + w and c0 < r0 + m:
             raise ValueError("both=True needs disjoint row and column ranges")
-        threads = _threads()
+        threads = matched_threads()
         block = d2.detach().contiguous().numpy()
         a = np.zeros(m, np.float32) if add is None else add.detach().contiguous().numpy()
         if both:
@@ -268,7 +268,7 @@ class Heaps:
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The tables: distances (n, k) float32 ascending (ties by index) and indices (n, k)
         int64, -1 where a row holds fewer than k candidates (distance +inf)."""
-        _threads()
+        matched_threads()
         n, k = self.keys.shape
         out_d, out_i = np.empty((n, k), np.float32), np.empty((n, k), np.int64)
         _unpack(self.keys, out_d, out_i)

@@ -1,0 +1,149 @@
+"""The last step of every search: the candidates' distances recomputed exactly, in float64.
+
+A backend's fast pass keeps ``k + pool`` candidates per query. Its float32 distances carry
+rounding: the GEMM form ||f||^2 + ||m||^2 - 2<f, m> loses about eps * (||f||^2 + ||m||^2),
+which is the whole distance for near duplicates and reorders near ties at the k-th place. Here
+every candidate's distance is computed again from the difference of the original features,
+
+    d(f, m)^2 = sum_j (f_j - m_j)^2        in float64 (a compiled loop, rows in parallel),
+
+and the k nearest are taken, ties by the smaller bank index. The table then equals a float64
+brute force wherever the true k nearest are among the candidates, which ``pool`` ensures up to
+the float32 rounding of the fast pass.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from numba import njit, prange
+
+from patchlab.knn._heaps import matched_threads
+
+
+@njit(parallel=True, nogil=True, fastmath={"contract", "reassoc"}, cache=True)
+def _distances(q, b, cand, out):  # pragma: no cover - compiled
+    """out[i, j] = ||q[i] - b[cand[i, j]]||^2 in float64 (+inf where cand is -1)."""
+    n, w = cand.shape
+    d = q.shape[1]
+    for i in prange(n):
+        for j in range(w):
+            c = cand[i, j]
+            if c < 0:
+                out[i, j] = np.inf
+                continue
+            s = 0.0
+            for t in range(d):
+                diff = np.float64(q[i, t]) - np.float64(b[c, t])
+                s += diff * diff
+            out[i, j] = s
+
+
+def rerank(
+    queries: torch.Tensor, bank: torch.Tensor, candidates: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k nearest of each row's candidates, by exact float64 distances.
+
+    Parameters
+    ----------
+    queries : torch.Tensor, shape (n, d)
+    bank : torch.Tensor, shape (m, d)
+    candidates : torch.Tensor, shape (n, w), int64
+        Bank rows of each query's candidates (w >= k, each at most once), -1 for none.
+    k : int
+
+    Returns
+    -------
+    squared distances (n, k) float64 ascending (+inf where fewer than k candidates), and bank
+    indices (n, k) int64 (-1 there), on the candidates' device; among equal distances the
+    smaller index comes first.
+    """
+    device = candidates.device
+    # ties by index: sort the candidates by index (-1 last), then stably by distance
+    big = torch.iinfo(torch.int64).max
+    cand = torch.where(candidates < 0, big, candidates).sort(1).values
+    cand = cand.masked_fill_(cand == big, -1)
+    if device.type == "cpu":
+        q = queries.detach().float().contiguous().numpy()
+        b = bank.detach().float().contiguous().numpy()
+        d2 = np.empty(cand.shape, np.float64)
+        matched_threads()
+        _distances(q, b, cand.numpy(), d2)
+        d2 = torch.from_numpy(d2)
+    else:  # CUDA: the same sums in torch, a bounded chunk at a time
+        d2 = _distances_torch(queries, bank, cand)
+    order = d2.argsort(dim=1, stable=True)[:, :k]
+    return d2.gather(1, order), cand.gather(1, order)
+
+
+def _distances_torch(queries, bank, cand, chunk_bytes: int = 2**28) -> torch.Tensor:
+    """``_distances`` with torch ops (CUDA), (chunk, w, d) float64 within ``chunk_bytes``."""
+    n, w = cand.shape
+    out = torch.empty(n, w, dtype=torch.float64, device=cand.device)
+    chunk = max(1, chunk_bytes // (8 * w * bank.shape[1]))
+    for s in range(0, n, chunk):
+        c = cand[s : s + chunk]
+        diff = bank[c.clamp_min(0)].double() - queries[s : s + chunk].double()[:, None, :]
+        out[s : s + chunk] = diff.pow_(2).sum(2).masked_fill_(c < 0, math.inf)
+    return out
+
+
+def uncertain_rows(
+    fast: torch.Tensor,
+    candidates: torch.Tensor,
+    k: int,
+    queries: torch.Tensor,
+    bank: torch.Tensor,
+) -> torch.Tensor:
+    """The rows whose k nearest may lie outside the fast pass's candidates.
+
+    The float32 GEMM form of a squared distance errs by at most about
+
+        err(f) = 2 (d + 3) eps32 (||f - mu||^2 + max_m ||m - mu||^2)
+
+    (mu the bank mean the backend centred on; a float32 dot product of length d errs by at most
+    d eps32 ||f|| ||m||). A bank entry m that is not a candidate had a fast distance of at
+    least the last candidate's, fast[w - 1]; so if fast[w - 1] - fast[k - 1] > 2 err(f), its true
+    distance exceeds the true k-th and the k nearest are all candidates. Rows whose every
+    allowed bank entry is a candidate are certain too.
+
+    Parameters
+    ----------
+    fast : torch.Tensor, shape (n, w), float32
+        The fast pass's squared distances, ascending (+inf past the last candidate).
+    candidates : torch.Tensor, shape (n, w), int64 (-1 for none)
+    k : int
+    queries, bank : the original features, (n, d) and (m, d)
+
+    Returns
+    -------
+    torch.Tensor, shape (n,), bool
+    """
+    n, w = candidates.shape
+    if w <= k or (candidates < 0).any(1).all():
+        return torch.zeros(n, dtype=torch.bool, device=candidates.device)
+    mean = _mean64(bank)
+    q_sq = _centred_sq_norms(queries, mean)
+    b_sq = _centred_sq_norms(bank, mean).max()
+    eps = float(torch.finfo(torch.float32).eps)
+    err = 2 * (queries.shape[1] + 3) * eps * (q_sq + b_sq)
+    gap = fast[:, w - 1].double() - fast[:, k - 1].double()
+    complete = (candidates < 0).any(1)  # fewer than w allowed entries: all are candidates
+    return ~complete & ~(gap > 2 * err)
+
+
+def _mean64(x: torch.Tensor, rows: int = 65536) -> torch.Tensor:
+    total = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
+    for s in range(0, x.shape[0], rows):
+        total += x[s : s + rows].double().sum(0)
+    return total / x.shape[0]
+
+
+def _centred_sq_norms(x: torch.Tensor, mean: torch.Tensor, rows: int = 65536) -> torch.Tensor:
+    """||x_i - mean||^2 in float64, a bounded chunk at a time."""
+    out = torch.empty(x.shape[0], dtype=torch.float64, device=x.device)
+    for s in range(0, x.shape[0], rows):
+        out[s : s + rows] = (x[s : s + rows].double() - mean).pow_(2).sum(1)
+    return out
