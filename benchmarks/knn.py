@@ -1,20 +1,26 @@
-"""Self-kNN of a patch bank: patchlab against faiss, scikit-learn and the GEMM floor.
+"""Self-kNN of a patch bank: patchlab against faiss, scikit-learn, KeOps and the GEMM floor.
 
-Every backend runs in its own subprocess on the same seeded data, so that its peak resident
-memory can be read (``ru_maxrss``) and one backend's allocations do not inflate another's.
+Every backend runs in its own subprocess on the same data, so that its peak resident memory can
+be read (``ru_maxrss``) and one backend's allocations do not inflate another's.
 
-    python benchmarks/knn.py                           # the sizes of docs/performance.md
-    python benchmarks/knn.py --sizes 50000x1024x100    # one size: N x d x K
-    python benchmarks/knn.py --backends torch faiss    # a subset
+    python benchmarks/knn.py                                  # the cases of docs/performance.md
+    python benchmarks/knn.py --cases demo:31360x25 mixture:50000x1024x100
+    python benchmarks/knn.py --backends torch faiss           # a subset
 
-Data: a seeded Gaussian mixture (64 clusters; patch features cluster the same way), float32,
-or with ``--bank FILE.npy`` real features (e.g. a patchlab feature cache file), N rows evenly
-spread over the file. The CPU self-kNN skips block pairs that cannot hold neighbours, so its
-speed depends on how clustered the data are: measure both.
-Printed per size and backend: seconds, ratio to faiss (> 1: slower than faiss), peak extra
-resident memory over the data itself, and the share of neighbours identical to faiss' (up to
-ties). The GEMM floor is the distance FLOPs (2 N^2 d) divided by the GFLOP/s of one large
-float32 matmul measured in the same run.
+Banks (``NAME:N x K``, or ``mixture:N x d x K``):
+
+- ``demo``: the pretrained EfficientNet-Lite0 features (152-d) of the demo's four Test sets
+  (125 440 patches), N rows evenly spread; ``demo-wrn``: the same images, WideResNet-50-2 with
+  seeded random weights (1024-d; its ImageNet weights cannot be downloaded here).
+- ``tile``, ``tile-wrn``: the same two backbones on the magnetic-tile Test set
+  (``../shared/data``, 456 288 patches).
+- ``mixture``: a seeded Gaussian mixture (64 clusters), unusually kind to block skipping.
+
+Features come from patchlab's cache (``$PATCHLAB_CACHE``), computed once. Printed per case and
+backend: seconds, the ratio to faiss (below 1: faster), peak extra resident memory over the
+data, the share of rows whose k neighbour set equals faiss', and the share of rows (on a
+sample of ``--check`` rows) whose set equals a float64 brute force. The GEMM floor is the
+distance FLOPs (2 N^2 d) at the GFLOP/s of one large float32 matmul in the same run.
 """
 
 from __future__ import annotations
@@ -22,14 +28,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
-DEFAULT_SIZES = ("20000x1536x100", "50000x1024x100", "50000x64x10")
+DEFAULT_CASES = ("demo:31360x25", "tile:50000x25", "tile-wrn:50000x100", "mixture:50000x1024x100")
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 # torch-noskip: the CPU search without skipping block pairs (Engine(skip=False))
 BACKENDS = (
     "torch",
@@ -41,7 +48,7 @@ BACKENDS = (
     "sklearn",
     "floor",
 )
-DEFAULT_BACKENDS = ("torch", "keops", "faiss", "sklearn", "floor")
+DEFAULT_BACKENDS = ("torch", "faiss", "floor")
 KEOPS_LIMIT_S = 600.0
 
 
@@ -55,8 +62,20 @@ def make_bank(n: int, d: int, seed: int = 0) -> np.ndarray:
 
 
 def rss_mb() -> float:
+    """Resident memory now, in MB; also resets the peak (VmHWM) to it, so that
+    :func:`peak_mb` reads the peak since this call."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def peak_mb() -> float:
+    """The peak resident memory (VmHWM) since the last :func:`rss_mb`, in MB (getrusage's
+    maxrss would count the parent's memory at fork: it is kept across exec)."""
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
 
 
 def load_bank(path: str, n: int) -> np.ndarray:
@@ -101,6 +120,11 @@ def run_backend(
         q = torch.from_numpy(x).to(device)
         engine = Engine(backend=name, precision=precision or "fp32", skip=skip)
         kw = dict(engine=engine, progress=False)
+        if name == "torch":  # load the compiled merge and re-rank (numba's disk cache) first
+            knn(
+                q[:600], k, exclude="self", engine=Engine(skip=True, block_size=256), progress=False
+            )
+            before = rss_mb()
         if device == "cuda":  # warm-up: CUDA context, cuBLAS handles, KeOps compilation
             knn(q[:4096], k, exclude="self", **kw)
             torch.cuda.synchronize()
@@ -146,7 +170,7 @@ def run_backend(
         extra = {"gflops": gflops}
         return {"seconds": 2 * n * n * d / gflops / 1e9, **extra}
     seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_mb()
     np.save(f"/tmp/knn_bench_{backend}_{n}_{d}_{k}.npy", idx.astype(np.int64))
     return {"seconds": seconds, "peak_extra_mb": peak - before, **extra}
 
@@ -164,79 +188,135 @@ def agreement(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean([len(np.intersect1d(r, s)) / len(r) for r, s in zip(a, b, strict=True)]))
 
 
+BANKS = {  # name: (backbone, weights, data root, categories)
+    "demo": ("efficientnet_lite0", "imagenet", None, ("brick", "gravel", "grass", "washer")),
+    "demo-wrn": ("wide_resnet50_2", "none", None, ("brick", "gravel", "grass", "washer")),
+    "tile": ("efficientnet_lite0", "imagenet", SHARED, ("magnetic_tile",)),
+    "tile-wrn": ("wide_resnet50_2", "none", SHARED, ("magnetic_tile",)),
+}
+
+
+def prepare_bank(name: str, n: int) -> str:
+    """A .npy of n rows evenly spread over a real bank's Test-set patch features."""
+    import torch
+
+    from patchlab.data import load_mvtec
+    from patchlab.demo import demo_path, make_demo_data
+    from patchlab.features import extract_features
+
+    backbone, weights, root, categories = BANKS[name]
+    if root is None:
+        root = make_demo_data(demo_path())
+    elif not Path(root, categories[0]).is_dir():
+        raise FileNotFoundError(f"{root / categories[0]} is not here: bank {name!r} needs it")
+    parts = []
+    for category in categories:
+        images = load_mvtec(root, category, "test")
+        feats = extract_features(images, backbone=backbone, weights=weights, progress=True)
+        parts.append(feats.reshape(-1, feats.shape[-1]))
+    full = torch.cat(parts).numpy()
+    if n > len(full):
+        raise ValueError(f"bank {name!r} holds {len(full)} rows, fewer than N = {n}")
+    path = f"/tmp/knn_bench_bank_{name}_{n}.npy"
+    np.save(path, np.ascontiguousarray(full[:: len(full) // n][:n]))
+    return path
+
+
+def float64_agreement(x: np.ndarray, k: int, found: dict, rows: int, seed: int = 0) -> dict:
+    """Share of ``rows`` sampled rows whose k neighbour set (self excluded) equals a float64
+    brute force's, for every backend's saved indices."""
+    import torch
+
+    rng = np.random.default_rng(seed)
+    sample = np.sort(rng.choice(len(x), min(rows, len(x)), replace=False))
+    bank = torch.from_numpy(x).double()
+    ref = []
+    for s in range(0, len(sample), 256):
+        part = sample[s : s + 256]
+        d = torch.cdist(bank[part], bank)
+        d[torch.arange(len(part)), torch.from_numpy(part)] = float("inf")
+        ref.append(d.topk(k, dim=1, largest=False).indices.sort(1).values.numpy())
+    ref = np.concatenate(ref)
+    return {b: float((np.sort(idx[sample], 1) == ref).all(1).mean()) for b, idx in found.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", nargs="+", default=list(DEFAULT_SIZES))
+    parser.add_argument("--cases", nargs="+", default=list(DEFAULT_CASES))
     parser.add_argument("--backends", nargs="+", default=list(DEFAULT_BACKENDS), choices=BACKENDS)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument(
-        "--bank",
-        default=None,
-        help="real features instead of the Gaussian mixture: a .npy array (..., d), such as a "
-        "patchlab feature cache file; N rows are taken evenly spread, d is the file's",
-    )
+    parser.add_argument("--check", type=int, default=1000, help="rows checked against float64")
     parser.add_argument(
         "--keops-limit",
         type=float,
         default=KEOPS_LIMIT_S,
         help="skip KeOps where its projected time exceeds this (seconds)",
     )
-    parser.add_argument(
-        "--child", nargs=4, metavar=("BACKEND", "N", "D", "K"), help=argparse.SUPPRESS
-    )
+    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--bank", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         backend, n, d, k = args.child[0], *map(int, args.child[1:])
         print(json.dumps(run_backend(backend, n, d, k, args.device, args.keops_limit, args.bank)))
         return
 
-    data = args.bank or "Gaussian mixture (64 clusters)"
     print(f"device={args.device} threads={os.cpu_count()} python={sys.version.split()[0]}")
-    print(f"data: {data}")
-    header = (
-        f"{'N x d, K':>18}  {'backend':>8}  {'seconds':>8}  {'vs faiss':>8}  {'peak MB':>8}  same"
+    print(
+        f"{'case':>24}  {'backend':>12}  {'seconds':>8}  {'vs faiss':>8}  {'peak MB':>8}  "
+        f"{'= faiss':>7}  {'= float64':>9}"
     )
-    print(header)
-    for size in args.sizes:
-        n, d, k = map(int, size.split("x"))
-        results = {}
-        order = ["faiss"] + [b for b in args.backends if b != "faiss"]
-        for backend in order if "faiss" in args.backends else args.backends:
-            cmd = [
-                sys.executable,
-                __file__,
-                "--child",
-                backend,
-                str(n),
-                str(d),
-                str(k),
-                "--device",
-                args.device,
-                *(["--bank", args.bank] if args.bank else []),
-            ]
-            out = subprocess.run(cmd, capture_output=True, text=True)
-            if out.returncode != 0:
-                results[backend] = {"skipped": out.stderr.strip().splitlines()[-1][:120]}
-            else:
-                results[backend] = json.loads(out.stdout.strip().splitlines()[-1])
-        base = results.get("faiss", {}).get("seconds")
-        peer = "faiss" if "faiss" in results else "torch"  # whose neighbours "same" compares to
-        ref = f"/tmp/knn_bench_{peer}_{n}_{d}_{k}.npy"
-        for backend, r in results.items():
-            label = f"{n}x{d}, {k}"
-            if "skipped" in r:
-                print(f"{label:>18}  {backend:>8}  skipped: {r['skipped']}")
-                continue
-            ratio = f"{r['seconds'] / base:8.2f}" if base else "     n/a"
-            peak = f"{r['peak_extra_mb']:8.0f}" if "peak_extra_mb" in r else "       -"
-            mine = f"/tmp/knn_bench_{backend}_{n}_{d}_{k}.npy"
-            same = "-"
-            if backend != peer and os.path.exists(ref) and os.path.exists(mine):
-                same = f"{agreement(np.load(mine), np.load(ref)):.5f}"
-            note = f"  ({r['gflops']:.0f} GFLOP/s)" if "gflops" in r else ""
-            if "gpu_peak_mb" in r:
-                note += f"  (GPU peak {r['gpu_peak_mb']:.0f} MB)"
-            print(f"{label:>18}  {backend:>8}  {r['seconds']:8.2f}  {ratio}  {peak}  {same}{note}")
+    for case in args.cases:
+        try:
+            run_case(case, args)
+        except (FileNotFoundError, ValueError) as err:
+            print(f"{case:>24}  skipped: {err}")
+
+
+def run_case(case: str, args: argparse.Namespace) -> None:
+    name, _, size = case.partition(":")
+    dims = list(map(int, size.split("x")))
+    if name == "mixture":
+        (n, d, k), bank = dims, None
+    else:
+        (n, k), bank = dims, prepare_bank(name, dims[0])
+        d = np.load(bank, mmap_mode="r").shape[1]
+    results = {}
+    order = ["faiss"] + [b for b in args.backends if b != "faiss"]
+    for backend in order if "faiss" in args.backends else args.backends:
+        cmd = [sys.executable, __file__, "--child", backend, str(n), str(d), str(k)]
+        cmd += ["--device", args.device, *(["--bank", bank] if bank else [])]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode != 0:
+            results[backend] = {"skipped": out.stderr.strip().splitlines()[-1][:120]}
+        else:
+            results[backend] = json.loads(out.stdout.strip().splitlines()[-1])
+    found = {
+        b: np.load(f"/tmp/knn_bench_{b}_{n}_{d}_{k}.npy")
+        for b, r in results.items()
+        if "skipped" not in r and b != "floor"
+    }
+    x = make_bank(n, d) if bank is None else np.load(bank)
+    exact = float64_agreement(x, k, found, args.check) if args.check else {}
+    base = results.get("faiss", {}).get("seconds")
+    label = f"{name} {n}x{d}, {k}"
+    for backend, r in results.items():
+        if "skipped" in r:
+            print(f"{label:>24}  {backend:>12}  skipped: {r['skipped']}")
+            continue
+        ratio = f"{r['seconds'] / base:8.2f}" if base else "     n/a"
+        peak = f"{r['peak_extra_mb']:8.0f}" if "peak_extra_mb" in r else "       -"
+        same = "-"
+        if backend in found and "faiss" in found and backend != "faiss":
+            same = f"{agreement(found[backend], found['faiss']):.5f}"
+        f64 = f"{exact[backend]:.4f}" if backend in exact else "-"
+        note = f"  ({r['gflops']:.0f} GFLOP/s)" if "gflops" in r else ""
+        if "gpu_peak_mb" in r:
+            note += f"  (GPU peak {r['gpu_peak_mb']:.0f} MB)"
+        print(
+            f"{label:>24}  {backend:>12}  {r['seconds']:8.2f}  {ratio}  {peak}  {same:>7}  "
+            f"{f64:>9}{note}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -146,14 +146,15 @@ def test_keops_with_a_separate_bank(clustered):
 
 def test_auto_engine_resolves_by_device_and_bank(clustered):
     cpu = torch.device("cpu")
-    small = Engine().resolve(cpu, 900, symmetric=True)
+    small = Engine().resolve(cpu, 900, symmetric=True, d=32)
     assert (small.backend, small.precision, small.merge) == ("torch", "fp32", "heaps")
     assert small.block_size == 2048 and small.skip is False  # too small to be worth reordering
-    assert Engine().resolve(cpu, 50_000, symmetric=True).skip is True
-    assert Engine().resolve(cpu, 50_000, symmetric=False).skip is False  # self-kNN only
-    assert Engine(skip=True, precision="bf16").resolve(cpu, 50_000, True).skip is False
+    assert Engine().resolve(cpu, 50_000, symmetric=True, d=1024).skip is True
+    assert Engine().resolve(cpu, 50_000, symmetric=True, d=152).skip is False  # pays at 1024-d
+    assert Engine().resolve(cpu, 50_000, symmetric=False, d=32).skip is False  # self-kNN only
+    assert Engine(skip=True, precision="bf16").resolve(cpu, 50_000, True, 32).skip is False
     with pytest.raises(ValueError, match="merge='heaps' runs on the CPU only"):
-        Engine(merge="heaps").resolve(torch.device("cuda"), 900, True)
+        Engine(merge="heaps").resolve(torch.device("cuda"), 900, True, 32)
     with pytest.raises(ValueError, match="backend='faiss' is unknown"):
         Engine(backend="faiss")
     a = knn(clustered, 5, progress=False)  # every choice auto
@@ -407,7 +408,8 @@ def float64_sets(bank, k, exclude, groups):
 @pytest.mark.parametrize("exclude", ["self", "nearest", "image", "none"])
 @pytest.mark.parametrize("skip", [False, True])
 @pytest.mark.parametrize("shift", ["constant", "two far copies"])
-def test_sets_equal_float64_on_large_norm_banks(clustered, exclude, skip, shift):
+@pytest.mark.parametrize("copy_mb", [512, 0])  # 0: the bank is centred block by block
+def test_sets_equal_float64_on_large_norm_banks(clustered, exclude, skip, shift, copy_mb):
     """Norms far larger than the neighbour distances: float32's GEMM form cancels; the table
     must still equal a float64 brute force (the uncertain rows are searched again)."""
     base = clustered[:600] - 100.0
@@ -416,7 +418,7 @@ def test_sets_equal_float64_on_large_norm_banks(clustered, exclude, skip, shift)
     else:  # two copies far apart: centring cannot help, every row is uncertain in float32
         bank = torch.cat([base[:300], base[300:] + 1e4])
     groups = torch.arange(600) // 20
-    engine = Engine(skip=skip, cluster_rows=32, block_size=128)
+    engine = Engine(skip=skip, cluster_rows=32, block_size=128, copy_mb=copy_mb)
     nb = knn(bank, 8, exclude=exclude, query_groups=groups, engine=engine, progress=False)
     ref_sets, ref_d = float64_sets(bank, 8, exclude, groups)
     assert torch.equal(nb.indices.sort(1).values, ref_sets)

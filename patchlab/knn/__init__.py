@@ -46,6 +46,7 @@ BACKENDS = ("auto", "torch", "keops")
 PRECISIONS = ("auto", "fp32", "tf32", "bf16", "fp64")
 MERGES = ("auto", "heaps", "torch")
 CLUSTER_ROWS = 384  # rows per cluster block when skipping (smaller bound tighter, more pairs)
+SKIP_MIN_D = 512  # auto skips block pairs from this width on (measured: Engine.resolve)
 
 
 @dataclass(frozen=True)
@@ -91,9 +92,10 @@ class Engine:
         as often as ``fp32``; ``bf16`` did not).
     pool : int, optional
         Extra candidates the fast pass keeps per query; the k nearest are then taken by their
-        exact float64 distances (:mod:`patchlab.knn._exact`), so the table equals a float64
-        brute force whenever the true k nearest are among the k + pool. Default 8 with float32
-        GEMMs, 32 with reduced precisions.
+        exact float64 distances (:mod:`patchlab.knn._exact`). Default 8 for float32 GEMMs at
+        d <= 256, else 32: measured on real features (152-d K = 25, 1024-d K = 100), the
+        float32 rounding is then certified for every row (with 8 at 1024-d, 17 % of the rows
+        needed the float64 search).
     block_size : int, optional
         Rows (and columns) per block; memory grows as about ``3 * block_size**2 * 4`` bytes.
     merge : {"auto", "heaps", "torch"}
@@ -103,6 +105,10 @@ class Engine:
         triangle-inequality bound proves useless. None: when the bank is large enough.
     cluster_rows : int
         Mean rows per cluster block when skipping.
+    copy_mb : int
+        ``torch`` backend: a bank of at most this many MB (float32) is centred in one copy,
+        which the blocks are read from; a larger one is centred block by block (about 15 %
+        slower, measured at 50 000 x 1024), so that the search's memory stays bounded.
     """
 
     backend: str = "auto"
@@ -112,6 +118,7 @@ class Engine:
     merge: str = "auto"
     skip: bool | None = None
     cluster_rows: int = CLUSTER_ROWS
+    copy_mb: int = 512
 
     def __post_init__(self) -> None:
         for name, allowed in (
@@ -128,7 +135,7 @@ class Engine:
         ):
             raise ValueError("pool must be >= 0 and block_size >= 1")
 
-    def resolve(self, device: torch.device, n_bank: int, symmetric: bool) -> Engine:
+    def resolve(self, device: torch.device, n_bank: int, symmetric: bool, d: int) -> Engine:
         """Every ``auto`` replaced by a concrete choice, by the rules measured with
         ``benchmarks/knn.py`` (docs/performance.md):
 
@@ -141,14 +148,18 @@ class Engine:
           but its rounding is too coarse to certify: it is offered, never chosen.
         - merge: compiled ``heaps`` on the CPU (2.6 s against 7.8 s of merging at
           50 000 x 1024), the ``torch`` merge on CUDA.
-        - skip: a CPU self-kNN of at least 8192 rows whose bound table fits in 256 MB, with
-          the ``heaps`` merge and float32 GEMMs (19.9 s -> 11.0 s on real 50 000 x 1024
-          features).
+        - skip: a CPU self-kNN of at least 8192 rows whose bound table fits in 256 MB, at
+          d >= 512, with the ``heaps`` merge and float32 GEMMs. On real features it paid at
+          1024-d (50 000 rows, K = 100: 30.9 s -> 20.0 s) and cost at 152-d (31 360 rows,
+          K = 25: 2.4 s -> 3.3 s: no pair could be skipped, and the cluster blocks make
+          smaller GEMMs).
         - block_size: 2048 on the CPU; up to 16384 on CUDA, by free memory.
         """
         backend = "torch" if self.backend == "auto" else self.backend
         precision = "fp32" if self.precision == "auto" else self.precision
-        pool = self.pool if self.pool is not None else (8 if precision == "fp32" else 32)
+        pool = self.pool
+        if pool is None:  # enough that the float32 rounding is certified for nearly every row
+            pool = 8 if precision == "fp32" and d <= 256 else 32
         merge = self.merge
         if merge == "auto":
             merge = "heaps" if device.type == "cpu" else "torch"
@@ -161,7 +172,8 @@ class Engine:
         if skip is None and backend == "torch":
             from patchlab.knn._blocks import ClusterBlocks
 
-            skip = ClusterBlocks.worth_it(n_bank, block_size, self.cluster_rows)
+            worth = ClusterBlocks.worth_it(n_bank, block_size, self.cluster_rows)
+            skip = worth and d >= SKIP_MIN_D
         skip = bool(skip) and symmetric and merge == "heaps" and precision == "fp32"
         return replace(
             self,
@@ -228,7 +240,7 @@ def knn(
     symmetric = bank is None
     bank_ = queries if symmetric else bank
     _check_inputs(queries, bank_, k, exclude)
-    engine = (engine or Engine()).resolve(queries.device, bank_.shape[0], symmetric)
+    engine = (engine or Engine()).resolve(queries.device, bank_.shape[0], symmetric, bank_.shape[1])
     ids, groups = _exclusion_keys(
         exclude, symmetric, queries, query_ids, bank_ids, query_groups, bank_groups
     )
@@ -248,12 +260,14 @@ def knn(
     # the fast pass keeps `pool` extra candidates; their exact float64 distances pick the k
     wide = min(k_search + engine.pool, n_b - excluded)
     fast, candidates = search(queries, bank_, wide, symmetric, ids, groups, engine, progress)
+    d2, idx = rerank(queries, bank_, candidates, k_search)
     if engine.backend == "torch" and engine.precision == "fp32":
         # rows the float32 GEMM form cannot certify are searched again in float64
-        redo = uncertain_rows(fast, candidates, k_search, queries, bank_).nonzero().flatten()
+        kth = d2[:, k_search - 1]
+        redo = uncertain_rows(fast, candidates, kth, queries, bank_).nonzero().flatten()
         if len(redo):
-            candidates[redo] = _search_again(queries, bank_, redo, wide, ids, groups, engine)
-    d2, idx = rerank(queries, bank_, candidates, k_search)
+            again = _search_again(queries, bank_, redo, wide, ids, groups, engine)
+            d2[redo], idx[redo] = rerank(queries[redo], bank_, again, k_search)
     if exclude == "nearest":
         d2, idx = d2[:, 1:], idx[:, 1:]
     return Neighbours(d2.sqrt_().float(), idx, exclude)

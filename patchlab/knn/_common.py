@@ -8,19 +8,16 @@ import torch
 
 
 def centred(
-    queries: torch.Tensor,
-    bank: torch.Tensor,
-    symmetric: bool = False,
-    dtype: torch.dtype = torch.float32,
+    queries: torch.Tensor, bank: torch.Tensor, symmetric: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Both sets translated by the bank mean, in ``dtype``, contiguous.
+    """Both sets translated by the bank mean, float32, contiguous.
 
     Distances are unchanged, the norms shrink, and so does the cancellation error of
     ||f||^2 + ||m||^2 - 2<f, m>. With ``symmetric`` the bank is the queries.
     """
-    mean = bank.to(dtype).mean(0, keepdim=True)
-    q = (queries.to(dtype) - mean).contiguous()
-    return q, q if symmetric else (bank.to(dtype) - mean).contiguous()
+    mean = bank.float().mean(0, keepdim=True)
+    q = (queries.float() - mean).contiguous()
+    return q, q if symmetric else (bank.float() - mean).contiguous()
 
 
 def mask_excluded(d2, r0, r1, c0, c1, ids, groups) -> None:

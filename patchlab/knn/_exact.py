@@ -60,6 +60,20 @@ def rerank(
     indices (n, k) int64 (-1 there), on the candidates' device; among equal distances the
     smaller index comes first.
     """
+    n, w = candidates.shape
+    bank = bank.detach().float().contiguous()  # once: a no-op for a float32 bank
+    out_d = torch.empty(n, k, dtype=torch.float64, device=candidates.device)
+    out_i = torch.empty(n, k, dtype=torch.int64, device=candidates.device)
+    rows = max(1, 2**24 // w)  # a chunk's (rows, w) tables stay near 128 MB
+    for s in range(0, n, rows):
+        out_d[s : s + rows], out_i[s : s + rows] = _rerank_rows(
+            queries[s : s + rows], bank, candidates[s : s + rows], k
+        )
+    return out_d, out_i
+
+
+def _rerank_rows(queries, bank, candidates, k):
+    """:func:`rerank` of one chunk of rows."""
     device = candidates.device
     # ties by index: sort the candidates by index (-1 last), then stably by distance
     big = torch.iinfo(torch.int64).max
@@ -67,7 +81,7 @@ def rerank(
     cand = cand.masked_fill_(cand == big, -1)
     if device.type == "cpu":
         q = queries.detach().float().contiguous().numpy()
-        b = bank.detach().float().contiguous().numpy()
+        b = bank.numpy()
         d2 = np.empty(cand.shape, np.float64)
         matched_threads()
         _distances(q, b, cand.numpy(), d2)
@@ -93,28 +107,36 @@ def _distances_torch(queries, bank, cand, chunk_bytes: int = 2**28) -> torch.Ten
 def uncertain_rows(
     fast: torch.Tensor,
     candidates: torch.Tensor,
-    k: int,
+    exact_kth: torch.Tensor,
     queries: torch.Tensor,
     bank: torch.Tensor,
 ) -> torch.Tensor:
     """The rows whose k nearest may lie outside the fast pass's candidates.
 
-    The float32 GEMM form of a squared distance errs by at most about
+    The float32 GEMM form of a squared distance errs by at most
 
-        err(f) = 2 (d + 3) eps32 (||f - mu||^2 + max_m ||m - mu||^2)
+        err(f, m) = c (||f - mu||^2 + ||m - mu||^2),    c = 2 (d + 3) eps32
 
     (mu the bank mean the backend centred on; a float32 dot product of length d errs by at most
-    d eps32 ||f|| ||m||). A bank entry m that is not a candidate had a fast distance of at
-    least the last candidate's, fast[w - 1]; so if fast[w - 1] - fast[k - 1] > 2 err(f), its true
-    distance exceeds the true k-th and the k nearest are all candidates. Rows whose every
-    allowed bank entry is a candidate are certain too.
+    d eps32 ||f|| ||m||, whatever the summation order). Let T be the fast distance of the last
+    candidate: every other bank entry m was computed at T or more (or skipped, which proves
+    more), so its true distance is at least T - err(f, m). Only entries with
+    ||m - mu|| <= ||f - mu|| + sqrt(D_k) can be nearer than D_k, the exact k-th distance among
+    the candidates (the triangle inequality), so with M^2 the smaller of (||f - mu|| +
+    sqrt(D_k))^2 and the largest ||m - mu||^2,
+
+        T - c (||f - mu||^2 + M^2) > D_k
+
+    proves that the k nearest are all candidates. Rows whose every allowed bank entry is a
+    candidate are certain too.
 
     Parameters
     ----------
     fast : torch.Tensor, shape (n, w), float32
         The fast pass's squared distances, ascending (+inf past the last candidate).
     candidates : torch.Tensor, shape (n, w), int64 (-1 for none)
-    k : int
+    exact_kth : torch.Tensor, shape (n,), float64
+        D_k: the exact k-th squared distance among each row's candidates.
     queries, bank : the original features, (n, d) and (m, d)
 
     Returns
@@ -122,26 +144,26 @@ def uncertain_rows(
     torch.Tensor, shape (n,), bool
     """
     n, w = candidates.shape
-    if w <= k or (candidates < 0).any(1).all():
+    complete = (candidates < 0).any(1)  # fewer than w allowed entries: all are candidates
+    if complete.all():
         return torch.zeros(n, dtype=torch.bool, device=candidates.device)
     mean = _mean64(bank)
     q_sq = _centred_sq_norms(queries, mean)
-    b_sq = _centred_sq_norms(bank, mean).max()
-    eps = float(torch.finfo(torch.float32).eps)
-    err = 2 * (queries.shape[1] + 3) * eps * (q_sq + b_sq)
-    gap = fast[:, w - 1].double() - fast[:, k - 1].double()
-    complete = (candidates < 0).any(1)  # fewer than w allowed entries: all are candidates
-    return ~complete & ~(gap > 2 * err)
+    reach = (q_sq.sqrt() + exact_kth.sqrt()).pow(2)
+    m_sq = torch.minimum(reach, _centred_sq_norms(bank, mean).max())
+    c = 2 * (queries.shape[1] + 3) * float(torch.finfo(torch.float32).eps)
+    certain = fast[:, w - 1].double() - c * (q_sq + m_sq) > exact_kth
+    return ~complete & ~certain
 
 
-def _mean64(x: torch.Tensor, rows: int = 65536) -> torch.Tensor:
+def _mean64(x: torch.Tensor, rows: int = 8192) -> torch.Tensor:
     total = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
     for s in range(0, x.shape[0], rows):
         total += x[s : s + rows].double().sum(0)
     return total / x.shape[0]
 
 
-def _centred_sq_norms(x: torch.Tensor, mean: torch.Tensor, rows: int = 65536) -> torch.Tensor:
+def _centred_sq_norms(x: torch.Tensor, mean: torch.Tensor, rows: int = 8192) -> torch.Tensor:
     """||x_i - mean||^2 in float64, a bounded chunk at a time."""
     out = torch.empty(x.shape[0], dtype=torch.float64, device=x.device)
     for s in range(0, x.shape[0], rows):

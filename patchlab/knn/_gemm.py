@@ -41,22 +41,25 @@ def search(queries, bank, k, symmetric, ids, groups, engine, progress):
     bank key) pairs or (None, None). Entries that cannot be filled are (+inf, -1).
     """
     wide64 = engine.precision == "fp64"  # float64 GEMMs: the fallback of uncertain rows
-    q, b = centred(queries, bank, symmetric, torch.float64 if wide64 else torch.float32)
-    q_norm, b_norm = (q * q).sum(1), (b * b).sum(1)
-    n_q, n_b, bs = q.shape[0], b.shape[0], engine.block_size
-    low = {"bf16": torch.bfloat16}.get(engine.precision)
-    merge = _merger(engine.merge, n_q, k, bs, n_b, q.device)
-    layout = _layout(q, n_b, bs, symmetric, engine)
-    if layout.blocks is not None:  # the bank reordered into cluster blocks, undone at the end
-        order = layout.blocks.order
-        q, q_norm = q[order], q_norm[order]
-        b, b_norm = q, q_norm
+    n_q, n_b, bs = queries.shape[0], bank.shape[0], engine.block_size
+    layout = _layout(queries, n_b, bs, symmetric, engine)
+    order = None if layout.blocks is None else layout.blocks.order  # cluster-aligned rows
+    mean = bank.float().mean(0, keepdim=True)
+    budget = engine.copy_mb * 2**20
+    q = Centred(queries, mean, order, budget)
+    b = q if symmetric else Centred(bank, mean, None, budget)
+    if order is not None:
         ids, groups = (_reorder(ids, order, n_q), _reorder(groups, order, n_q))
+    dtype = torch.float64 if wide64 else torch.float32
+    q_norm = q.sq_norms(dtype)
+    b_norm = q_norm if symmetric else b.sq_norms(dtype)
+    low = {"bf16": torch.bfloat16, "fp64": torch.float64}.get(engine.precision)
+    merge = _merger(engine.merge, n_q, k, bs, n_b, queries.device)
+    if layout.blocks is not None:
         layout.blocks.measure(q)
         layout.pairs = layout.blocks.pairs()  # diagonal first, then by centroid distance
         # float32 rounding of a GEMM-form squared distance: well under 1e-5 (||f||^2 + ||m||^2)
         margin = (1e-5 * (q_norm + q_norm.max())).numpy()
-    q_low, b_low = (q.to(low), b.to(low)) if low else (None, None)
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = engine.precision == "tf32"
     try:
@@ -65,29 +68,81 @@ def search(queries, bank, k, symmetric, ids, groups, engine, progress):
                 if layout.blocks.skippable(ri, ci, merge.kth, margin):
                     continue
             (r0, r1), (c0, c1) = layout.rows[ri], layout.cols[ci]
+            qa, bb = q.rows(r0, r1, low), b.rows(c0, c1, low)
             # ||m||^2 - 2<f, m> in the GEMM; ||f||^2 is added by the merge
             add = q_norm[r0:r1]
-            if low:
-                d2 = (q_low[r0:r1] @ b_low[c0:c1].T).float().mul_(-2.0)
-                d2.add_(b_norm[None, c0:c1])
-            elif wide64:  # the whole form in float64, then rounded to float32 for the merge
-                d2 = torch.addmm(b_norm[None, c0:c1], q[r0:r1], b[c0:c1].T, alpha=-2.0)
-                d2 = d2.add_(add[:, None]).float()
-                add = torch.zeros(r1 - r0, device=d2.device)
+            if low is not None:  # bf16 or float64 GEMMs, rounded to float32 for the merge
+                d2 = torch.addmm(b_norm[None, c0:c1].to(low), qa, bb.T, alpha=-2.0)
+                if wide64:  # the whole form in float64 before it is rounded
+                    d2.add_(add[:, None])
+                    add = torch.zeros(r1 - r0, device=d2.device)
+                d2 = d2.float()
             else:
                 out = merge.buffer(r1 - r0, c1 - c0)
-                d2 = torch.addmm(b_norm[None, c0:c1], q[r0:r1], b[c0:c1].T, alpha=-2.0, out=out)
+                d2 = torch.addmm(b_norm[None, c0:c1], qa, bb.T, alpha=-2.0, out=out)
             mask_excluded(d2, r0, r1, c0, c1, ids, groups)  # +inf stays +inf below
-            merge.merge(d2, r0, c0, add, both=symmetric and c0 != r0)
+            merge.merge(d2, r0, c0, add.float(), both=symmetric and c0 != r0)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
     best_d, best_i = merge.result()
-    if layout.blocks is not None:  # back to the caller's row order and indices
+    if order is not None:  # back to the caller's row order and indices
         out_d, out_i = torch.empty_like(best_d), torch.empty_like(best_i)
         out_d[order] = best_d
         out_i[order] = torch.where(best_i >= 0, order[best_i.clamp_min(0)], -1)
         best_d, best_i = out_d, out_i
     return best_d, best_i
+
+
+class Centred:
+    """The rows of a bank translated by the bank mean (float32), a block at a time.
+
+    Distances are unchanged, the norms shrink, and so does the cancellation error of
+    ||f||^2 + ||m||^2 - 2<f, m>. A bank of at most ``budget`` bytes is centred once (one
+    copy, in ``order`` when given); a larger one is centred block by block as the search asks
+    for it, so the search never holds a copy of a large bank.
+    """
+
+    def __init__(
+        self,
+        x: torch.Tensor,
+        mean: torch.Tensor,
+        order: torch.Tensor | None = None,
+        budget: int = 2**29,
+    ):
+        self.x, self.mean, self.order = x, mean, order
+        self.copy = None
+        self._last: tuple = (None, None, None)
+        if x.shape[0] * x.shape[1] * 4 <= budget:
+            self.copy = self._centre(0, x.shape[0])
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.x.shape
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        return self.rows(*rows.indices(self.x.shape[0])[:2])
+
+    def _centre(self, s: int, e: int) -> torch.Tensor:
+        if self.order is None:
+            return (self.x[s:e].float() - self.mean).contiguous()
+        return self.x[self.order[s:e]].float().sub_(self.mean)  # a fresh gather: in place
+
+    def rows(self, s: int, e: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Centred rows s:e (in ``order``), float32 or ``dtype``."""
+        if self._last[:2] != (s, e):
+            block = self.copy[s:e] if self.copy is not None else self._centre(s, e)
+            self._last = (s, e, block)
+        block = self._last[2]
+        return block if dtype is None else block.to(dtype)
+
+    def sq_norms(self, dtype: torch.dtype = torch.float32, rows: int = 8192) -> torch.Tensor:
+        """||row - mean||^2 of every row (in ``order``), (n,)."""
+        n = self.x.shape[0]
+        out = torch.empty(n, dtype=dtype, device=self.x.device)
+        for s in range(0, n, rows):
+            part = self.rows(s, min(s + rows, n), dtype)
+            out[s : s + rows] = (part * part).sum(1)
+        return out
 
 
 def _merger(kind: str, n: int, k: int, block_size: int, n_bank: int, device: torch.device):
@@ -105,7 +160,7 @@ def _layout(q: torch.Tensor, n_b: int, bs: int, symmetric: bool, engine) -> _Lay
     if symmetric and engine.skip:
         from patchlab.knn._blocks import ClusterBlocks
 
-        blocks = ClusterBlocks(q, bs, engine.cluster_rows)  # pairs follow once measured
+        blocks = ClusterBlocks(q.float(), bs, engine.cluster_rows)  # pairs follow once measured
         return _Layout(blocks.ranges, blocks.ranges, [], blocks)
     rows = [(s, min(s + bs, n_q)) for s in range(0, n_q, bs)]
     cols = rows if symmetric else [(s, min(s + bs, n_b)) for s in range(0, n_b, bs)]
