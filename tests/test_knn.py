@@ -408,7 +408,7 @@ def float64_sets(bank, k, exclude, groups):
 @pytest.mark.parametrize("exclude", ["self", "nearest", "image", "none"])
 @pytest.mark.parametrize("skip", [False, True])
 @pytest.mark.parametrize("shift", ["constant", "two far copies"])
-@pytest.mark.parametrize("copy_mb", [512, 0])  # 0: the bank is centred block by block
+@pytest.mark.parametrize("copy_mb", [256, 0])  # 0: the bank is centred block by block
 def test_sets_equal_float64_on_large_norm_banks(clustered, exclude, skip, shift, copy_mb):
     """Norms far larger than the neighbour distances: float32's GEMM form cancels; the table
     must still equal a float64 brute force (the uncertain rows are searched again)."""

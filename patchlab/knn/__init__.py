@@ -118,7 +118,7 @@ class Engine:
     merge: str = "auto"
     skip: bool | None = None
     cluster_rows: int = CLUSTER_ROWS
-    copy_mb: int = 512
+    copy_mb: int = 256
 
     def __post_init__(self) -> None:
         for name, allowed in (
