@@ -4,7 +4,7 @@ Every entry is named by a hash of everything that changes its content, and writt
 (a temporary file in the same folder, then a rename), so an interrupted run never leaves a
 half-written entry behind:
 
-    features-<key>.npy, global-<key>.npy       key: the image files (path, size, mtime), the
+    features-<key>.npy, global-<key>.npy       key: the image files (path, content hash), the
                                                backbone and its weights, the preprocessing
     coreset-<key>-m<M>.npy                     key: the features, seed, projection, device;
                                                the first M greedy picks (any shorter prefix
@@ -15,15 +15,20 @@ half-written entry behind:
 
 Greedy picks and neighbour tables are *prefix-complete*: the first m picks and the first k
 columns are the same whatever longer run produced them, so :func:`find_prefix` returns the
-shortest cached entry that is long enough, and the caller slices it.
+shortest cached entry that is long enough, and the caller slices it. Entries are checked when
+read (:func:`read_entry`): a broken one is removed, with a warning, and recomputed; the
+temporary files of killed writes are removed (:func:`remove_orphans`).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import tempfile
+import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +37,7 @@ import torch
 from patchlab.backbones import get_backbone, weights_identity
 
 FEATURE_VERSION = 3  # bump whenever the features computed for the same settings change
+_STARTED = time.time()  # temporary files older than this process belong to killed runs
 
 
 def default_cache_dir() -> Path:
@@ -60,9 +66,10 @@ def feature_key(
     paths, *, backbone: str, weights: str | Path, seed: int, resize: int, crop: int | None
 ) -> str:
     """Hash of everything that changes the features of the images at ``paths``: the files
-    (path, size, mtime), the backbone (name, taps, width, input normalisation, weights) and
-    the preprocessing."""
-    files = [(str(Path(p).resolve()), os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in paths]
+    (path and a hash of their bytes, so an edit that keeps the size and modification time is
+    seen), the backbone (name, taps, width, input normalisation, weights) and the
+    preprocessing."""
+    files = [(str(Path(p).resolve()), content_hash(p)) for p in paths]
     spec = get_backbone(backbone)
     record = {
         "version": FEATURE_VERSION,
@@ -77,6 +84,23 @@ def feature_key(
         "files": files,
     }
     return cache_key(record)
+
+
+def content_hash(path: str | Path) -> str:
+    """A fast hash of a file's bytes (BLAKE2b, 128 bits; 0.45 s for the 1 344 magnetic tiles,
+    51 MB). Remembered within the process per (path, size, mtime, ctime): any write to the
+    file changes its ctime, which no tool can set back, so a remembered hash is never stale."""
+    st = os.stat(path)
+    return _content_hash(str(Path(path).resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _content_hash(path: str, size: int, mtime_ns: int, ctime_ns: int) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def rows_id(rows: torch.Tensor | None) -> str:
@@ -98,6 +122,45 @@ def find_prefix(folder: Path, stem: str, tag: str, need: int) -> Path | None:
         (p for p in folder.glob(f"{stem}-{tag}*") if not p.name.endswith(".tmp")), key=length
     )
     return next((p for p in found if length(p) >= need), None)
+
+
+def read_entry(path: Path, load, check=lambda value: True):
+    """A cached entry read with ``load(path)``, or None when it is missing or broken.
+
+    A broken entry (truncated, empty, corrupt, or failing ``check``) is removed with a warning
+    naming it, so that the caller recomputes it.
+    """
+    if path is None or not path.is_file():
+        return None
+    try:
+        value = load(path)
+        if check(value):
+            return value
+        reason = "its contents do not match what was asked for"
+    except Exception as err:  # numpy, zipfile and OS errors all mean the same here
+        reason = f"{type(err).__name__}: {err}"
+    warnings.warn(
+        f"cache entry {path} is broken ({reason}); it is removed and recomputed", stacklevel=3
+    )
+    path.unlink(missing_ok=True)
+    return None
+
+
+def remove_orphans(folder: Path, older_than_s: float = 600.0) -> int:
+    """Remove the temporary files that killed writes left in the cache (``*.tmp`` not touched
+    for ``older_than_s`` seconds and older than this process); returns how many."""
+    if not folder.is_dir():
+        return 0
+    limit = min(time.time() - older_than_s, _STARTED)
+    removed = 0
+    for tmp in folder.glob("*.tmp"):
+        try:
+            if tmp.stat().st_mtime < limit:
+                tmp.unlink()
+                removed += 1
+        except FileNotFoundError:  # another process finished or removed it
+            continue
+    return removed
 
 
 def atomic_save(path: Path, **arrays: np.ndarray) -> None:

@@ -87,16 +87,25 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as err:
+    except (ValueError, RuntimeError, OSError) as err:  # OSError: missing, unwritable, ...
         print(f"patchlab {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: what was finished is cached, the outputs untouched
+        print(
+            f"patchlab {args.command}: interrupted; the cache keeps what was finished, so the "
+            "same command resumes from there",
+            file=sys.stderr,
+        )
+        return 130
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from patchlab.experiment import run
-    from patchlab.outputs import save_result
+    from patchlab.outputs import check_out, save_result
 
-    result = run(_config(args), progress=not args.quiet)
+    config = _config(args)
+    check_out(args.out)  # a bad --out is found before the work, not after it
+    result = run(config, progress=not args.quiet)
     out = save_result(result, args.out)
     m = result.metrics
     print(f"{result.images.name}: {m['n_images']} images, {m['n_patches']} patches")

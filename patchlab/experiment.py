@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -25,6 +26,8 @@ from patchlab.cache import (
     feature_key,
     find_prefix,
     neighbour_stem,
+    read_entry,
+    remove_orphans,
     resolve_device,
 )
 from patchlab.config import RunConfig
@@ -113,6 +116,7 @@ def prepare(
         seconds[stage] = round(now - clock, 3)
         clock = now
 
+    remove_orphans(cache_folder(config.cache_dir))  # temporary files of killed writes
     images = load_images(config)
     masks = load_masks(images, config.resize, config.crop)
     lap("load")
@@ -262,12 +266,25 @@ def neighbour_table(
         bank_rows = coreset_rows(pool, bank_key or key, config, progress)
     folder, need = cache_folder(config.cache_dir), config.table_k
     stem = neighbour_stem(key, config.exclude, bank_rows, bank_key)
-    cached = find_prefix(folder, stem, "k", need)
-    if cached is not None:
-        with np.load(cached) as z:
-            distances = torch.from_numpy(z["distances"][:, :need]).contiguous()
-            indices = torch.from_numpy(z["indices"][:, :need]).long().contiguous()
-        return Neighbours(distances, indices, config.exclude), bank_rows
+    n_rows = features[..., 0].numel()
+    n_bank = len(pool) if bank_rows is None else len(bank_rows)
+    _check_bank_size(config, n_bank)
+
+    def load(path: Path) -> tuple[np.ndarray, np.ndarray]:
+        with np.load(path) as z:
+            return z["distances"][:, :need], z["indices"][:, :need]
+
+    def complete(table) -> bool:
+        d, i = table
+        return d.shape == i.shape == (n_rows, need) and int(i.max(initial=0)) < n_bank
+        # (a broken file raises while loading; read_entry removes it either way)
+
+    while (cached := find_prefix(folder, stem, "k", need)) is not None:
+        table = read_entry(cached, load, complete)
+        if table is not None:
+            distances = torch.from_numpy(np.ascontiguousarray(table[0]))
+            indices = torch.from_numpy(table[1].astype(np.int64))
+            return Neighbours(distances, indices, config.exclude), bank_rows
     table = _search(features, pool, bank_rows, config, progress, blind=bank is None)
     atomic_save(
         folder / f"{stem}-k{need}.npz",
@@ -275,6 +292,18 @@ def neighbour_table(
         indices=table.indices.numpy().astype(np.int32),
     )
     return table, bank_rows
+
+
+def _check_bank_size(config: RunConfig, n_bank: int) -> None:
+    """A clear error when a coreset leaves too few patches for the table (the kNN's own error
+    would not name the coreset)."""
+    if config.coreset == 1 or n_bank > config.table_k:
+        return
+    raise ValueError(
+        f"--coreset {config.coreset} keeps {n_bank} patch features, too few for a neighbour "
+        f"table of k_max={config.table_k} (plus the excluded ones); raise --coreset or lower "
+        "--k / --k-max"
+    )
 
 
 def _search(features, pool, bank_rows, config, progress, blind) -> Neighbours:
@@ -315,9 +344,14 @@ def coreset_rows(
     device = resolve_device(config.device)
     folder = cache_folder(config.cache_dir)
     stem = coreset_stem(key, config.seed, device)
-    cached = find_prefix(folder, stem, "m", m)
-    if cached is not None:
-        return torch.from_numpy(np.load(cached)[:m])
+
+    def valid(rows: np.ndarray) -> bool:
+        return rows.ndim == 1 and len(rows) >= m and 0 <= rows.min() and rows.max() < len(pool)
+
+    while (cached := find_prefix(folder, stem, "m", m)) is not None:
+        rows = read_entry(cached, np.load, valid)
+        if rows is not None:
+            return torch.from_numpy(rows[:m].astype(np.int64))
     rows = greedy_coreset(pool.to(device), config.coreset, seed=config.seed, progress=progress)
     rows = rows.cpu()
     atomic_save(folder / f"{stem}-m{m}.npy", rows=rows.numpy())

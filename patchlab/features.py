@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from patchlab.backbones import build_backbone, get_backbone
-from patchlab.cache import atomic_save, cache_folder, feature_key, resolve_device
+from patchlab.cache import atomic_save, cache_folder, feature_key, read_entry, resolve_device
 from patchlab.data import ImageSet, preprocess, read_rgb
 
 
@@ -102,8 +102,15 @@ def extract_features(
     )
     stem = "features" if kind == "patch" else "global"
     path = cache_folder(cache_dir) / f"{stem}-{key}.npy"
-    if path.is_file():
-        return torch.from_numpy(np.load(path))
+    spec = get_backbone(backbone)
+    width = spec.dim if kind == "patch" else spec.global_dim
+
+    def complete(a: np.ndarray) -> bool:  # a truncated or foreign file fails this
+        return a.shape[0] == len(images) and a.shape[-1] == width and bool(np.isfinite(a).all())
+
+    cached = read_entry(path, np.load, complete)
+    if cached is not None:
+        return torch.from_numpy(cached)
 
     model = build_backbone(backbone, weights, seed).to(resolve_device(device))
     features = _forward(images, model, kind, resize, crop, batch_size, progress)

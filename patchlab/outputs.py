@@ -1,24 +1,97 @@
-"""A run's outputs on disk: ``metrics.json``, ``image_scores.csv`` and ``maps.npz``."""
+"""A run's outputs on disk: ``metrics.json``, ``image_scores.csv`` and ``maps.npz``, as one set.
+
+The three files are written into a temporary folder beside ``out`` and the folder is then
+renamed into place; an older run's folder is moved aside first and removed last. Killing the
+process at any moment leaves either the old set or the new one under ``out`` (never files from
+two runs), and the next run cleans up what a killed one left beside it.
+"""
 
 from __future__ import annotations
 
 import csv
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from patchlab.experiment import Result
 
+OUTPUT_FILES = ("metrics.json", "image_scores.csv", "maps.npz")
+
+
+def check_out(out: str | Path) -> Path:
+    """``out`` as a Path once it is known to be usable, before any work is done.
+
+    It must be a folder (or not exist yet) whose parent can be created and written, holding
+    no files but a previous run's outputs (they are replaced as a set).
+
+    Raises
+    ------
+    ValueError
+        Naming ``out`` and what to do.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder; choose a folder path")
+    for parent in out.parents:  # a path inside a file
+        if parent.exists() and not parent.is_dir():
+            raise ValueError(f"--out {out}: {parent} is a file; choose a folder path")
+    if out.is_dir():
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in OUTPUT_FILES)
+        if foreign:
+            raise ValueError(
+                f"--out {out} holds other files ({', '.join(foreign[:3])}); a run replaces its "
+                "folder as a whole: choose an empty or new folder"
+            )
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out.parent, prefix=f".{out.name}.check-"):
+            pass
+    except OSError as err:
+        raise ValueError(
+            f"--out {out} cannot be written ({err.strerror}); choose another folder"
+        ) from err
+    return out
+
 
 def save_result(result: Result, out: str | Path) -> Path:
-    """Write ``metrics.json``, ``image_scores.csv`` and ``maps.npz`` into ``out``."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    """Write ``metrics.json``, ``image_scores.csv`` and ``maps.npz`` into ``out``, as one set."""
+    out = check_out(out)
+    _clean_leftovers(out)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.new-"))
+    try:
+        _write(result, tmp)
+        old = None
+        if out.exists():
+            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+            os.replace(out, old / "run")  # the old set, moved aside whole
+        os.replace(tmp, out)  # the new set, in place whole
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _clean_leftovers(out: Path) -> None:
+    """Remove what killed saves left beside ``out``; put back an old set if ``out`` is gone."""
+    for left in sorted(out.parent.glob(f".{out.name}.old-*")):
+        if not out.exists() and (left / "run").is_dir():
+            os.replace(left / "run", out)  # killed between the two renames: the old set
+        shutil.rmtree(left, ignore_errors=True)
+    for left in out.parent.glob(f".{out.name}.new-*"):
+        shutil.rmtree(left, ignore_errors=True)
+
+
+def _write(result: Result, folder: Path) -> None:
     record = {**result.metrics, "config": result.config.to_dict()}
-    (out / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")
+    (folder / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")
     order = np.argsort(-result.image_scores, kind="stable")
-    with open(out / "image_scores.csv", "w", newline="") as f:
+    with open(folder / "image_scores.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["path", "label", "score"])
         for i in order:
@@ -30,11 +103,10 @@ def save_result(result: Result, out: str | Path) -> Path:
                 ]
             )
     np.savez_compressed(
-        out / "maps.npz",
+        folder / "maps.npz",
         maps=result.maps.astype(np.float32),
         masks=result.masks.astype(np.uint8),
         labels=result.images.labels,
         image_scores=result.image_scores,
         paths=np.array([str(p) for p in result.images.paths]),
     )
-    return out

@@ -136,7 +136,7 @@ def test_coreset_and_lof_bad_arguments(tiny_demo, tmp_path, capsys):
     assert main(argv + ["--coreset", "1.5"]) == 2
     assert "coreset ratio must lie in (0, 1]" in capsys.readouterr().err
     assert main(argv + ["--coreset", "0.01", "--k", "100"]) == 2  # 47 patches in the coreset
-    assert "k=100 is larger than the bank" in capsys.readouterr().err
+    assert "--coreset 0.01 keeps 47 patch features, too few" in capsys.readouterr().err
     assert main(argv + ["--method", "patchcore_lof", "--k", "6000"]) == 2
     assert "larger than the bank" in capsys.readouterr().err
 

@@ -75,8 +75,18 @@ def test_cache_key_changes_with_files_and_settings(tiny_demo):
     assert feature_key(images.subset([0, 1]).paths, **base) != key
     path = images.paths[0]
     stat = os.stat(path)
-    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # the file was edited
+    original = path.read_bytes()
     try:
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # touched, not edited
+        assert feature_key(images.paths, **base) == key  # the same bytes: nothing recomputed
+        # an edit that keeps the size and the modification time (as cp -p or rsync can)
+        edited = bytearray(original)
+        edited[-20] ^= 0xFF
+        path.write_bytes(bytes(edited))
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        assert os.stat(path).st_size == stat.st_size
+        assert os.stat(path).st_mtime_ns == stat.st_mtime_ns
         assert feature_key(images.paths, **base) != key
     finally:
+        path.write_bytes(original)
         os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))

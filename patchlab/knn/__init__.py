@@ -237,9 +237,11 @@ def knn(
     Neighbours
         ``distances`` (n_queries, k) float32 ascending and ``indices`` (n_queries, k) int64.
     """
+    queries = _as_features(queries, "queries")
     symmetric = bank is None
-    bank_ = queries if symmetric else bank
+    bank_ = queries if symmetric else _as_features(bank, "bank")
     _check_inputs(queries, bank_, k, exclude)
+    _check_keys(queries, bank_, symmetric, query_ids, bank_ids, query_groups, bank_groups)
     engine = (engine or Engine()).resolve(queries.device, bank_.shape[0], symmetric, bank_.shape[1])
     ids, groups = _exclusion_keys(
         exclude, symmetric, queries, query_ids, bank_ids, query_groups, bank_groups
@@ -259,14 +261,19 @@ def knn(
         from patchlab.knn._gemm import search
     # the fast pass keeps `pool` extra candidates; their exact float64 distances pick the k
     wide = min(k_search + engine.pool, n_b - excluded)
-    fast, candidates = search(queries, bank_, wide, symmetric, ids, groups, engine, progress)
+    # the fast pass on features scaled by a power of two (exact) into float32's safe range
+    scale = _safe_scale(queries, bank_)
+    fast_q = queries if scale == 1 else queries * scale
+    fast_b = fast_q if symmetric else (bank_ if scale == 1 else bank_ * scale)
+    fast, candidates = search(fast_q, fast_b, wide, symmetric, ids, groups, engine, progress)
     d2, idx = rerank(queries, bank_, candidates, k_search)
     if engine.backend == "torch" and engine.precision == "fp32":
-        # rows the float32 GEMM form cannot certify are searched again in float64
-        kth = d2[:, k_search - 1]
-        redo = uncertain_rows(fast, candidates, kth, queries, bank_).nonzero().flatten()
+        # rows the float32 GEMM form cannot certify are searched again in float64 (both in
+        # the scaled space of the fast pass; the exact distances come from the originals)
+        kth = d2[:, k_search - 1] * (scale * scale)
+        redo = uncertain_rows(fast, candidates, kth, fast_q, fast_b).nonzero().flatten()
         if len(redo):
-            again = _search_again(queries, bank_, redo, wide, ids, groups, engine)
+            again = _search_again(fast_q, fast_b, redo, wide, ids, groups, engine)
             d2[redo], idx[redo] = rerank(queries[redo], bank_, again, k_search)
     if exclude == "nearest":
         d2, idx = d2[:, 1:], idx[:, 1:]
@@ -283,6 +290,50 @@ def _search_again(queries, bank, rows, wide, ids, groups, engine) -> torch.Tenso
     fp64 = replace(engine, precision="fp64", skip=False)
     _, found = search(queries[rows], bank, wide, False, subset(ids), subset(groups), fp64, False)
     return found
+
+
+def _as_features(x, name: str) -> torch.Tensor:
+    """A (n, d) floating tensor from a tensor or a numpy array, or a clear error."""
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(x)
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} must be a torch tensor or numpy array, got {type(x).__name__}")
+    if x.dtype == torch.bool or not (x.is_floating_point() or x.dtype in _INTEGERS):
+        raise ValueError(f"{name} must hold numbers (float or int), got dtype {x.dtype}")
+    if not x.is_floating_point():
+        x = x.float()
+    if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"{name} must be a non-empty 2-D (rows, d) array, got {tuple(x.shape)}")
+    return x
+
+
+_INTEGERS = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def _check_keys(queries, bank, symmetric, query_ids, bank_ids, query_groups, bank_groups):
+    """Every id and group array has one entry per row of what it labels."""
+    for name, key, rows in (
+        ("query_ids", query_ids, queries),
+        ("query_groups", query_groups, queries),
+        ("bank_ids", bank_ids, bank),
+        ("bank_groups", bank_groups, bank),
+    ):
+        if key is not None and (key.ndim != 1 or len(key) != len(rows)):
+            what = "queries" if name.startswith("query") else "bank"
+            raise ValueError(
+                f"{name} must hold one entry per row of the {what} ({len(rows)}), got shape "
+                f"{tuple(key.shape)}"
+            )
+
+
+def _safe_scale(queries, bank) -> float:
+    """A power of two that brings the features' largest magnitude near 1 when it is outside
+    [2^-60, 2^60]: float32 squared distances of features of 1e19 would overflow to inf (and of
+    1e-30 underflow to 0). Scaling by a power of two is exact; 1 otherwise."""
+    top = max(float(queries.abs().max()), float(bank.abs().max()))
+    if top == 0 or 2.0**-60 <= top <= 2.0**60:
+        return 1.0
+    return 2.0 ** -math.frexp(top)[1]
 
 
 def _check_inputs(queries, bank, k, exclude) -> None:
