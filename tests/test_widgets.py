@@ -95,7 +95,9 @@ def test_method_and_image_score_dropdowns(result):
     from patchlab.widgets import explore
 
     widget = explore(result, n_show=5)
+    assert not widget.k.disabled
     widget.method.value = "patchcore"
+    assert widget.k.disabled  # K changes nothing for PatchCore: the slider says so
     _assert_figure_shows(widget, *_expected(result, method="patchcore"))
     widget.image_score.value = "max"
     _assert_figure_shows(widget, *_expected(result, method="patchcore", image_score="max"))
@@ -163,12 +165,26 @@ def test_neighbour_explorer_reads_the_table(result):
     assert labels[queries["anomalous patch"] // hw] == 1
     assert labels[queries["normal patch"] // hw] == 0
     explorer = NeighbourExplorer(result, k=5, n_background=200)
-    for row in queries.values():
+    # it opens on Fig. 5's anomalous patch, and its dropdown says so
+    assert explorer.query == queries["anomalous patch"]
+    assert explorer.picker.label == "anomalous patch"
+    assert explorer.hover_image.value  # a picture from the start, not a broken-image icon
+    for name in ("normal patch", "anomalous patch"):
+        row = queries[name]
         explorer.picker.value = row
         idx = result.inputs.neighbours.indices[row, :5].numpy()
-        assert explorer.query == row
+        assert explorer.query == row and explorer.picker.label == name
         assert list(explorer.umap_figure.data[-2].customdata) == list(idx)
         assert len(explorer.crops_figure.data) == 6  # the query and its 5 neighbours
+    # a click elsewhere: the dropdown names the clicked patch, the crops and marker follow
+    before = [t.source for t in explorer.crops_figure.data]
+    other = queries["anomalous patch"] + 1
+    explorer.select(other)
+    assert explorer.picker.label.startswith("clicked: ") and explorer.query == other
+    assert [t.source for t in explorer.crops_figure.data] != before
+    i, r, c = explorer.position(other)
+    marker = explorer.image_figure.data[2]
+    assert (marker.x[0], marker.y[0]) == (c * 8 + 3.5, r * 8 + 3.5)
 
 
 def test_overlay_grid_data_equal_inputs():

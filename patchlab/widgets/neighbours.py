@@ -50,22 +50,12 @@ class NeighbourExplorer(Displays):
         self.crop = crop
         n, self.h, self.w, _ = result.features.shape
         self.queries = default_queries(result)
-        self.query = next(iter(self.queries.values()))
+        self.query = self.queries["anomalous patch"]  # Fig. 5's point: the defect first
+        self._syncing = False
+        self._fit_umap(result.features.reshape(n * self.h * self.w, -1), n_background, seed)
 
-        rng = np.random.default_rng(seed)
-        bank = result.features.reshape(n * self.h * self.w, -1)
-        pool = self.bank_rows()
-        background = rng.choice(pool, min(n_background, len(pool)), replace=False)
-        focus = {q: self.table.indices[q, : self.k].numpy() for q in self.queries.values()}
-        rows = np.unique(np.concatenate([background, *focus.values(), list(focus)]))
-        self.embedding, self._transform = viz.umap_embedding(bank[rows].numpy(), seed=seed)
-        self.rows = rows
-        self._where = {int(r): j for j, r in enumerate(rows)}
-        self._bank = bank
-
-        self.picker = W.Dropdown(
-            options=list(self.queries.items()), value=self.query, description="patch"
-        )
+        self.picker = W.Dropdown(options=self._choices(self.query), value=self.query)
+        self.picker.description = "patch"
         self.image = W.Dropdown(
             options=[
                 (f"{i}: {result.images.paths[i].parent.name}/{result.images.paths[i].name}", i)
@@ -79,10 +69,9 @@ class NeighbourExplorer(Displays):
         self.umap_figure = go.FigureWidget(self._umap())
         self.hover_image = W.Image(format="png", width=224)
         self.hover_text = W.HTML("hover over a point of the UMAP")
-        self.umap_figure.data[0].on_hover(self._hovered)
-        for trace in self.umap_figure.data[1:]:
+        for trace in self.umap_figure.data:
             trace.on_hover(self._hovered)
-        self.picker.observe(lambda c: self.select(c["new"]), names="value")
+        self.picker.observe(self._picked, names="value")
         self.image.observe(lambda c: self._show_image(c["new"]), names="value")
         self.widget = W.VBox(
             [
@@ -95,11 +84,32 @@ class NeighbourExplorer(Displays):
         )
         self.select(self.query)
 
+    def _fit_umap(self, bank, n_background: int, seed: int) -> None:
+        """A UMAP of a sample of the bank (the queries' neighbours included), fitted once; every
+        other patch is drawn at its nearest sampled patch (one kNN, no UMAP transform)."""
+        from patchlab.knn import knn
+
+        rng = np.random.default_rng(seed)
+        pool = self.bank_rows()
+        background = rng.choice(pool, min(n_background, len(pool)), replace=False)
+        focus = [self.bank_row(self.table.indices[q, : self.k]) for q in self.queries.values()]
+        rows = np.unique(np.concatenate([background, *focus, list(self.queries.values())]))
+        self.embedding, _ = viz.umap_embedding(bank[rows].numpy(), seed=seed)
+        self.rows = rows
+        nearest = knn(bank, 1, bank[rows], exclude="none", progress=False)
+        self._at = nearest.indices[:, 0].numpy()  # every patch -> its nearest sampled one
+
     def bank_rows(self) -> np.ndarray:
         """Rows of the memory bank (every patch, or the coreset)."""
         n_all = len(self.table)
         rows = self.result.inputs.bank_rows
         return np.arange(n_all) if rows is None else rows.numpy()
+
+    def bank_row(self, positions) -> np.ndarray:
+        """Patch rows of bank positions (the table's indices; a coreset maps them)."""
+        positions = np.asarray(positions)
+        rows = self.result.inputs.bank_rows
+        return positions if rows is None else rows.numpy()[positions]
 
     def position(self, row: int) -> tuple[int, int, int]:
         """(image, grid row, grid col) of a patch row."""
@@ -121,14 +131,16 @@ class NeighbourExplorer(Displays):
         return f"{path.parent.name}/{path.name} patch ({r}, {c})"
 
     def neighbours(self, row: int) -> tuple[np.ndarray, np.ndarray]:
-        """The stored K nearest bank rows of a patch and their distances (nearest first)."""
+        """The stored K nearest bank patches (their patch rows) of a patch and their distances
+        (nearest first)."""
         return (
-            self.table.indices[row, : self.k].numpy(),
+            self.bank_row(self.table.indices[row, : self.k].numpy()),
             self.table.distances[row, : self.k].numpy(),
         )
 
     def select(self, row: int) -> None:
-        """Make patch ``row`` the query: redraw its crops and highlight it in the UMAP."""
+        """Make patch ``row`` the query: its crops, its place in the UMAP and on its image, and
+        the dropdown, all updated in place."""
         self.query = int(row)
         idx, dist = self.neighbours(self.query)
         score = float(dist.mean())
@@ -145,23 +157,40 @@ class NeighbourExplorer(Displays):
             self.umap_figure.data[-1].x, self.umap_figure.data[-1].y = xy[:1, 0], xy[:1, 1]
             self.umap_figure.data[-1].text = [self.describe(self.query)]
             self.umap_figure.data[-1].customdata = [self.query]
-        i = self.position(self.query)[0]
+        if self.picker.value != self.query:  # the dropdown says what is shown
+            self._syncing = True
+            try:
+                self.picker.options = self._choices(self.query)
+                self.picker.value = self.query
+            finally:
+                self._syncing = False
+        i, r, c = self.position(self.query)
         if self.image.value != i:
             self.image.value = i  # redraws the image via its observer
+        elif len(self.image_figure.data) == 3:  # the same image: move the marker only
+            marker = self.image_figure.data[2]
+            marker.x, marker.y = [c * viz.PATCH + 3.5], [r * viz.PATCH + 3.5]
         else:
             self._show_image(i)
+        self.hover_image.value = viz.png_bytes(viz.hover_picture(self.picture(i), r, c))
+        self.hover_text.value = f"the query: {self.describe(self.query)}"
+
+    def _choices(self, row: int) -> list[tuple[str, int]]:
+        """The dropdown's options: the two named patches, and ``row`` when it is another."""
+        named = list(self.queries.items())
+        if row in self.queries.values():
+            return named
+        return [*named, (f"clicked: {self.describe(row)}", int(row))]
+
+    def _picked(self, change) -> None:
+        if self._syncing:  # select() itself updating the dropdown
+            return
+        if change["new"] is not None and int(change["new"]) != self.query:
+            self.select(change["new"])
 
     def _embed(self, rows: list[int] | np.ndarray) -> np.ndarray:
-        """UMAP coordinates of patch rows (those outside the fitted sample are transformed)."""
-        rows = [int(r) for r in rows]
-        out = np.zeros((len(rows), 2), np.float32)
-        missing = [j for j, r in enumerate(rows) if r not in self._where]
-        for j, r in enumerate(rows):
-            if r in self._where:
-                out[j] = self.embedding[self._where[r]]
-        if missing:
-            out[missing] = self._transform(self._bank[[rows[j] for j in missing]].numpy())
-        return out
+        """UMAP coordinates of patch rows: their own, or their nearest sampled patch's."""
+        return self.embedding[self._at[np.asarray(rows, dtype=np.int64)]]
 
     def _umap(self) -> go.Figure:
         masks = self.result.masks

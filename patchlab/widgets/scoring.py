@@ -27,6 +27,7 @@ from patchlab.methods import ScoringInputs
 from patchlab.widgets._base import Displays
 
 TABLE_METHODS = ("patchcluster", "patchcore", "patchcore_lof")
+K_FREE_METHODS = ("patchcore", "padim", "spade", "mutual")  # methods whose scores ignore K
 Prepared = tuple[ImageSet, ScoringInputs, np.ndarray]
 
 
@@ -171,6 +172,8 @@ class ScoringWidget(Displays):
 
     def update(self) -> None:
         """Re-score with the controls' values and redraw the figure."""
+        # K has no effect on PatchCore (its one nearest neighbour): the slider says so
+        self.k.disabled = self.method.value in K_FREE_METHODS
         config = self.config()
         try:
             images, inputs, masks = self.inputs(config.backbone, config.category, config.setting)
