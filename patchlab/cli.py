@@ -5,6 +5,8 @@ patchlab demo                      generate the demo data (if absent), run Patch
 patchlab demo-data OUT             write the offline demo data set to OUT
 patchlab run DATA --category C     one run; writes metrics.json, image_scores.csv, maps.npz
 patchlab run FOLDER --unlabeled    rank a plain folder of images
+patchlab report RUN_DIR            report.html and overlay PNGs of a finished run
+patchlab reproduce DATA --table N  one of the paper's tables
 """
 
 from __future__ import annotations
@@ -56,17 +58,43 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="patchlab", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="score one image set and write maps, scores, metrics")
+    run = sub.add_parser(
+        "run",
+        help="score one image set and write maps, scores, metrics",
+        epilog="example: patchlab run data/demo --category brick --k 25 --report --out runs/brick",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     run.add_argument("data", help="MVTec AD layout folder, or an image folder with --unlabeled")
     run.add_argument("--out", required=True, help="output folder")
+    run.add_argument(
+        "--report",
+        action="store_true",
+        help="also write report.html (offline) and overlays/*.png of the most anomalous images",
+    )
     add_config_options(run)
 
-    demo = sub.add_parser("demo", help="run PatchCluster and PatchCore on the demo data")
+    rpt = sub.add_parser(
+        "report",
+        help="write report.html and overlay PNGs for a finished run",
+        epilog="example: patchlab report runs/brick",
+    )
+    rpt.add_argument("run_dir", help="the --out folder of a patchlab run")
+    rpt.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    demo = sub.add_parser(
+        "demo",
+        help="run PatchCluster and PatchCore on the demo data",
+        epilog="example: patchlab demo --categories brick washer",
+    )
     demo.add_argument("--data", default=None, help="demo data folder (default: data/demo)")
     demo.add_argument("--categories", nargs="+", default=list(DEMO_CATEGORIES))
     add_config_options(demo, skip=("category", "bank_setting", "unlabeled", "method"))
 
-    rep = sub.add_parser("reproduce", help="compute one of the paper's tables (2-7)")
+    rep = sub.add_parser(
+        "reproduce",
+        help="compute one of the paper's tables (2-7)",
+        epilog="example: patchlab reproduce data/mvtec_ad --table 2 --out runs/table2",
+    )
     rep.add_argument("data", help="MVTec AD layout folder (categories, or one category)")
     rep.add_argument("--table", type=int, required=True, choices=sorted(TABLES))
     rep.add_argument("--out", required=True, help="output folder (CSV + markdown)")
@@ -74,7 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--settings", nargs="+", default=list(BLIND_SETTINGS), choices=BLIND_SETTINGS)
     add_config_options(rep, skip=PER_CELL, backbone="wide_resnet50_2")  # the paper's
 
-    data = sub.add_parser("demo-data", help="write the offline demo data set")
+    data = sub.add_parser(
+        "demo-data",
+        help="write the offline demo data set",
+        epilog="example: patchlab demo-data data/demo",
+    )
     data.add_argument("out")
     data.add_argument("--seed", type=int, default=0)
     data.add_argument("--categories", nargs="+", default=list(DEMO_CATEGORIES))
@@ -106,12 +138,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = _config(args)
     check_out(args.out)  # a bad --out is found before the work, not after it
     result = run(config, progress=not args.quiet)
-    out = save_result(result, args.out)
+    out = save_result(result, args.out, report=args.report, progress=not args.quiet)
     m = result.metrics
     print(f"{result.images.name}: {m['n_images']} images, {m['n_patches']} patches")
     if result.images.has_labels:
         print(_format_table([(args.method, m)]))
     print(f"wrote {out / 'metrics.json'}, {out / 'image_scores.csv'}, {out / 'maps.npz'}")
+    if args.report:
+        print(f"report: {out / 'report.html'} and {out / 'overlays'}/")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from patchlab.report import report_from_folder
+
+    written = report_from_folder(args.run_dir, progress=not args.quiet)
+    print(f"wrote {written[-1]} and {len(written) - 1} overlay PNGs in {written[0].parent}")
     return 0
 
 
@@ -145,6 +187,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from patchlab.experiment import rescore, run
 
     root = make_demo_data(demo_path(args.data), categories=args.categories)
+    print(f"demo data: {root} (categories {', '.join(args.categories)})")
     rows = []
     for category in args.categories:
         config = _config(args, data=str(root), category=category, method="patchcluster")
@@ -189,6 +232,7 @@ def _format_table(rows: list[tuple[str, dict]]) -> str:
 
 COMMANDS = {
     "run": cmd_run,
+    "report": cmd_report,
     "demo": cmd_demo,
     "demo-data": cmd_demo_data,
     "reproduce": cmd_reproduce,

@@ -19,7 +19,7 @@ import numpy as np
 
 from patchlab.experiment import Result
 
-OUTPUT_FILES = ("metrics.json", "image_scores.csv", "maps.npz")
+OUTPUT_FILES = ("metrics.json", "image_scores.csv", "maps.npz", "report.html", "overlays")
 
 
 def check_out(out: str | Path) -> Path:
@@ -57,13 +57,23 @@ def check_out(out: str | Path) -> Path:
     return out
 
 
-def save_result(result: Result, out: str | Path) -> Path:
-    """Write ``metrics.json``, ``image_scores.csv`` and ``maps.npz`` into ``out``, as one set."""
+def save_result(
+    result: Result, out: str | Path, report: bool = False, progress: bool = False
+) -> Path:
+    """Write ``metrics.json``, ``image_scores.csv`` and ``maps.npz`` (and, with ``report``,
+    ``report.html`` and ``overlays/``, :mod:`patchlab.report`) into ``out``, as one set."""
     out = check_out(out)
     _clean_leftovers(out)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.new-"))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's folder is private; a run folder is not
     try:
-        _write(result, tmp)
+        arrays, record = _write(result, tmp)
+        if report:
+            from patchlab.report import write_report
+
+            write_report(tmp, arrays, record, progress)
         old = None
         if out.exists():
             old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
@@ -87,7 +97,11 @@ def _clean_leftovers(out: Path) -> None:
         shutil.rmtree(left, ignore_errors=True)
 
 
-def _write(result: Result, folder: Path) -> None:
+def _write(result: Result, folder: Path) -> tuple[dict, dict]:
+    """The three files; returns the arrays of ``maps.npz`` and the ``metrics.json`` record."""
+    from patchlab.data import load_display
+    from patchlab.report import N_SHOW
+
     record = {**result.metrics, "config": result.config.to_dict()}
     (folder / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")
     order = np.argsort(-result.image_scores, kind="stable")
@@ -102,11 +116,19 @@ def _write(result: Result, folder: Path) -> None:
                     f"{result.image_scores[i]:.6g}",
                 ]
             )
-    np.savez_compressed(
-        folder / "maps.npz",
+    config = result.config
+    shown = order[:N_SHOW]
+    arrays = dict(
         maps=result.maps.astype(np.float32),
         masks=result.masks.astype(np.uint8),
         labels=result.images.labels,
         image_scores=result.image_scores,
         paths=np.array([str(p) for p in result.images.paths]),
+        # the most anomalous images as the model saw them: a report needs no data folder
+        shown=shown,
+        shown_images=np.stack(
+            [load_display(result.images.paths[i], config.resize, config.crop) for i in shown]
+        ),
     )
+    np.savez_compressed(folder / "maps.npz", **arrays)
+    return arrays, record

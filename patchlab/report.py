@@ -1,0 +1,189 @@
+"""Pictures of a run for people without a notebook: ``report.html`` and PNG overlays.
+
+    patchlab run DATA --category C --report --out runs/C      # with the run
+    patchlab report runs/C                                    # later, from its files
+
+``report.html`` is self-contained (plotly.js inline: it opens offline): the run's settings and
+metrics, the most anomalous images under their anomaly maps with the ground-truth outline, and
+where labels exist the image ROC, the pixel ROC and the PRO curve.
+``overlays/NN_<folder>_<image>.png`` are the same images as plain PNGs: the image, its map
+blended over it in the Inferno colours, the mask outline in cyan. Everything is drawn from the
+run's ``maps.npz`` and ``metrics.json`` (which keep the shown images), so a report needs
+neither the data nor the cache.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+from tqdm.auto import tqdm
+
+from patchlab.metrics import pixel_roc_curve, pro_curve, roc_curve
+
+N_SHOW = 8  # images in the report and its overlays, most anomalous first
+CYAN = np.array([0, 255, 255], np.uint8)
+
+
+def write_report(
+    folder: str | Path, maps: dict, metrics: dict, progress: bool = True
+) -> list[Path]:
+    """``report.html`` and ``overlays/*.png`` into ``folder``.
+
+    Parameters
+    ----------
+    folder : the run's output folder (or a temporary one that becomes it)
+    maps : the arrays of ``maps.npz``: ``maps`` (n, S, S), ``masks``, ``labels``,
+        ``image_scores``, ``paths``, and ``shown`` (indices of the most anomalous images)
+        with ``shown_images`` (their pictures as the model saw them, (m, S, S, 3) uint8)
+    metrics : the record of ``metrics.json`` (metrics and ``config``)
+
+    Returns
+    -------
+    The written files.
+    """
+    folder = Path(folder)
+    shown = np.asarray(maps["shown"])
+    pictures = np.asarray(maps["shown_images"])
+    names = [_name(maps["paths"][i]).replace("/", "_") for i in shown]
+    written = []
+    (folder / "overlays").mkdir(exist_ok=True)
+    bar = tqdm(total=len(shown) + 1, desc="report", unit="file", disable=not progress)
+    zrange = (float(np.min(maps["maps"])), float(np.max(maps["maps"])))
+    for rank, (i, picture) in enumerate(zip(shown, pictures, strict=True)):
+        path = folder / "overlays" / f"{rank + 1:02d}_{names[rank]}.png"
+        Image.fromarray(overlay(picture, maps["maps"][i], maps["masks"][i], zrange)).save(path)
+        written.append(path)
+        bar.update()
+    page = folder / "report.html"
+    page.write_text(_html(maps, metrics, shown, pictures))
+    written.append(page)
+    bar.update()
+    bar.close()
+    return written
+
+
+def report_from_folder(folder: str | Path, progress: bool = True) -> list[Path]:
+    """:func:`write_report` for a finished run's folder (``patchlab report RUN_DIR``)."""
+    folder = Path(folder)
+    for name in ("maps.npz", "metrics.json"):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(
+                f"{folder / name} does not exist: pass the --out folder of a patchlab run"
+            )
+    with np.load(folder / "maps.npz") as z:
+        maps = {key: z[key] for key in z.files}
+    if "shown" not in maps:
+        raise ValueError(f"{folder / 'maps.npz'} predates reports; run the command again")
+    metrics = json.loads((folder / "metrics.json").read_text())
+    return write_report(folder, maps, metrics, progress)
+
+
+def overlay(
+    picture: np.ndarray,
+    amap: np.ndarray,
+    mask: np.ndarray | None = None,
+    zrange: tuple[float, float] | None = None,
+    alpha: float = 0.5,
+) -> np.ndarray:
+    """An image with its anomaly map blended over it and the mask outlined.
+
+    Parameters
+    ----------
+    picture : (S, S, 3) uint8
+    amap : (S, S) float, the anomaly map
+    mask : (S, S), optional; its outline (the mask's border pixels) is drawn in cyan
+    zrange : (low, high) of the colour scale (the whole set's, so images compare)
+    alpha : weight of the map's colour
+
+    Returns
+    -------
+    (S, S, 3) uint8
+    """
+    low, high = zrange or (float(amap.min()), float(amap.max()))
+    level = np.clip((amap - low) / max(high - low, 1e-12), 0, 1)
+    colour = _INFERNO[np.round(level * 255).astype(int)]
+    out = (1 - alpha) * picture.astype(np.float32) + alpha * colour
+    out = np.clip(out, 0, 255).astype(np.uint8)
+    if mask is not None and mask.any():
+        inside = mask.astype(bool)
+        border = inside & ~ndimage.binary_erosion(inside, border_value=0)
+        out[ndimage.binary_dilation(border)] = CYAN
+    return out
+
+
+def _inferno() -> np.ndarray:
+    """plotly's Inferno colour scale (the widgets' and figures') as a 256-entry table."""
+    from plotly.colors import hex_to_rgb, sequential
+
+    stops = np.array([hex_to_rgb(c) for c in sequential.Inferno], np.float32)
+    x = np.linspace(0, 1, len(stops))
+    grid = np.linspace(0, 1, 256)
+    return np.stack([np.interp(grid, x, stops[:, c]) for c in range(3)], 1)
+
+
+_INFERNO = _inferno()
+
+
+def _html(maps: dict, metrics: dict, shown: np.ndarray, pictures: np.ndarray) -> str:
+    """The page: settings, metrics, the overlay grid, the curves (plotly.js inline once)."""
+    import patchlab.viz as viz
+
+    labels = np.asarray(maps["labels"])
+    titles = [
+        f"#{r + 1} {_name(maps['paths'][i])} "
+        f"{({0: '(good) ', 1: '(defect) '}).get(int(labels[i]), '')}{maps['image_scores'][i]:.3g}"
+        for r, i in enumerate(shown)
+    ]
+    figures = [
+        viz.overlay_grid(
+            list(pictures),
+            np.asarray(maps["maps"])[shown],
+            titles,
+            np.asarray(maps["masks"])[shown],
+        )
+    ]
+    if (labels >= 0).all() and 0 < labels.sum() < len(labels):
+        figures.append(viz.roc_figure({"image": roc_curve(labels, maps["image_scores"])}))
+    if np.asarray(maps["masks"]).any():
+        figures.append(
+            viz.roc_figure(
+                {"pixel": pixel_roc_curve(maps["masks"], maps["maps"])}, "pixel ROC", "pixel"
+            )
+        )
+        figures.append(viz.pro_figure({"PRO": pro_curve(maps["masks"], maps["maps"])}))
+    parts = [
+        fig.to_html(full_html=False, include_plotlyjs=(j == 0)) for j, fig in enumerate(figures)
+    ]
+    config = metrics.get("config", {})
+    rows = "".join(
+        f"<tr><th>{html.escape(str(key))}</th><td>{html.escape(_fmt(metrics.get(key)))}</td></tr>"
+        for key in ("image_auroc", "pixel_auroc", "pro", "n_images", "n_bank", "image_score")
+    )
+    settings = ", ".join(
+        f"{key}={config.get(key)}"
+        for key in ("data", "category", "setting", "method", "k", "backbone", "weights")
+    )
+    return (
+        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>patchlab report</title>"
+        "<style>body{font-family:sans-serif;margin:1em}th{text-align:left;padding-right:1em}"
+        "</style></head><body>"
+        f"<h1>patchlab report</h1><p>{html.escape(settings)}</p><table>{rows}</table>"
+        f"<h2>The {len(shown)} most anomalous images</h2>"
+        + "".join(f"<div>{part}</div>" for part in parts)
+        + "</body></html>\n"
+    )
+
+
+def _name(path) -> str:
+    """``folder/stem`` of an image path (``hole/003``): short and, in MVTec AD, the label."""
+    path = Path(str(path))
+    return f"{path.parent.name}/{path.stem}"
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
