@@ -313,6 +313,33 @@ for name, row in explorer.queries.items():
     ("code", """\
 explorer.select(explorer.queries["anomalous patch"])
 explorer.umap_figure.show()"""),
+    ("md", """\
+## Past one machine: the same table on a Dask cluster
+
+The neighbour table is the expensive step: $O(N^2 d)$ for $N$ patches. Its rows are
+independent, so `patchlab.distributed.knn_on_cluster` splits them into strips, sends the bank to
+every worker once, lets each worker find its strip's exact K nearest over the whole bank, and
+stacks the strips: the same table as the local search, neighbour for neighbour. Below, a
+`LocalCluster` of one worker process per core (`connect("local")`; a real cluster is
+`connect("tcp://scheduler:8786")`, with `pip install 'patchlab[dask]'`). A whole run goes there
+with `RunConfig(..., scheduler="local")` or `patchlab run ... --scheduler ADDRESS`: features
+and table are computed on the cluster and cached as here (docs/scaling.md)."""),
+    ("code", """\
+import torch
+
+from patchlab.distributed import close_all, connect, knn_on_cluster
+
+client = connect("local")
+n, h, w, d = result.features.shape
+groups = torch.arange(n).repeat_interleave(h * w)  # each patch's image (exclude="image")
+t0 = time.perf_counter()
+spread = knn_on_cluster(client, result.features.reshape(-1, d), config.table_k,
+                        exclude=config.exclude, query_groups=groups, engine=config.engine())
+local = result.inputs.table()
+print(f"{len(client.scheduler_info()['workers'])} workers: {time.perf_counter() - t0:.1f} s; "
+      f"same neighbours as the local table: {torch.equal(spread.indices, local.indices)}, "
+      f"same distances: {torch.equal(spread.distances, local.distances)}")
+close_all()  # stops the LocalCluster"""),
 ]
 
 SCORING = [

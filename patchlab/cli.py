@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (ValueError, RuntimeError, OSError) as err:  # OSError: missing, unwritable, ...
+    except (ValueError, RuntimeError, OSError, ImportError) as err:  # OSError: missing, ...
         print(f"patchlab {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: what was finished is cached, the outputs untouched
@@ -129,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
+    finally:
+        if "patchlab.distributed" in sys.modules:  # --scheduler: close what this run opened
+            sys.modules["patchlab.distributed"].close_all()
 
 
 def cmd_run(args: argparse.Namespace) -> int:

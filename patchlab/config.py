@@ -79,6 +79,10 @@ class RunConfig:
         (at most n_images - 1 are used; ``metrics.json`` records the value used).
     mutual_ratio : float
         Mutual scoring: the share of other images whose minima are averaged.
+    scheduler : str, optional
+        A Dask scheduler's address, or ``"local"``: features and the neighbour table are
+        computed on that cluster (:mod:`patchlab.distributed`), with the same results and the
+        same cache entries.
     """
 
     data: str
@@ -115,6 +119,9 @@ class RunConfig:
     coreset: float = option(1.0, "memory bank fraction in (0, 1] (greedy coreset below 1)")
     k_img: int = option(50, "SPADE: nearest images")
     mutual_ratio: float = option(0.3, "mutual scoring: share of images")
+    scheduler: str | None = option(
+        None, "Dask scheduler address, or 'local' for a LocalCluster here (features, neighbours)"
+    )
 
     def __post_init__(self) -> None:
         if self.setting not in SETTINGS or self.bank_setting not in (None, *SETTINGS):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -94,6 +95,7 @@ def feature_options(config: RunConfig, progress: bool = False) -> dict:
         batch_size=config.batch_size,
         device=config.device,
         cache_dir=config.cache_dir,
+        scheduler=config.scheduler,
         progress=progress,
     )
 
@@ -313,10 +315,15 @@ def _search(features, pool, bank_rows, config, progress, blind) -> Neighbours:
     groups = torch.arange(n).repeat_interleave(h * w)
     kw: dict = dict(exclude=config.exclude, engine=config.engine(), progress=progress)
     need = config.table_k
+    search = knn
+    if config.scheduler is not None:  # the same search, in row strips on a Dask cluster
+        from patchlab.distributed import connect, knn_on_cluster
+
+        search = partial(knn_on_cluster, connect(config.scheduler))
     if blind and bank_rows is None:  # the self-kNN: symmetric blocks
-        table = knn(queries, need, query_groups=groups, **kw)
+        table = search(queries, need, query_groups=groups, **kw)
     elif blind:  # a coreset of the set's own patches: rows keep their patch identity
-        table = knn(
+        table = search(
             queries,
             need,
             pool[bank_rows.to(pool.device)],
@@ -328,7 +335,7 @@ def _search(features, pool, bank_rows, config, progress, blind) -> Neighbours:
         )
     else:  # one-class: the bank is another image set, nothing to exclude
         bank = pool if bank_rows is None else pool[bank_rows.to(pool.device)]
-        table = knn(queries, need, bank, **kw)
+        table = search(queries, need, bank, **kw)
     return Neighbours(table.distances.cpu(), table.indices.cpu(), config.exclude)
 
 

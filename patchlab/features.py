@@ -69,6 +69,7 @@ def extract_features(
     batch_size: int = 16,
     device: str | torch.device = "auto",
     cache_dir: str | Path | None = None,
+    scheduler: str | None = None,
     progress: bool = True,
 ) -> torch.Tensor:
     """Features of every image, from the on-disk cache when they were computed before.
@@ -88,6 +89,9 @@ def extract_features(
     device : "auto", "cpu", "cuda", ...
     cache_dir : path, optional
         Folder of the cache (default ``$PATCHLAB_CACHE`` or ``~/.cache/patchlab``).
+    scheduler : str, optional
+        A Dask scheduler's address, or ``"local"``: the batches are computed on that cluster
+        (:mod:`patchlab.distributed`); the features, and their cache entry, are the same.
 
     Returns
     -------
@@ -112,26 +116,46 @@ def extract_features(
     if cached is not None:
         return torch.from_numpy(cached)
 
-    model = build_backbone(backbone, weights, seed).to(resolve_device(device))
-    features = _forward(images, model, kind, resize, crop, batch_size, progress)
+    if scheduler is None:
+        model = build_backbone(backbone, weights, seed).to(resolve_device(device))
+        features = forward(images.paths, model, kind, resize, crop, batch_size, progress)
+    else:
+        from patchlab.distributed import connect, forward_on_cluster
+
+        features = forward_on_cluster(
+            connect(scheduler),
+            list(images.paths),
+            kind=kind,
+            backbone=backbone,
+            weights=weights,
+            seed=seed,
+            resize=resize,
+            crop=crop,
+            batch_size=batch_size,
+            device=str(device),
+            progress=progress,
+        )
     atomic_save(path, features=features.numpy())
     return features
 
 
-def _forward(images, model, kind, resize, crop, batch_size, progress) -> torch.Tensor:
-    """Patch (or global) features of every image, a batch at a time, on the model's device."""
+def forward(
+    paths, model, kind: str, resize: int, crop: int | None, batch_size: int, progress: bool
+) -> torch.Tensor:
+    """Patch (or global) features of the images at ``paths``, a batch at a time, on the
+    model's device (no cache: :func:`extract_features` is the cached entry point)."""
     spec = get_backbone(model.name)
     device = next(model.parameters()).device
     out = []
-    bar = tqdm(total=len(images), desc=f"{kind} features", unit="img", disable=not progress)
+    bar = tqdm(total=len(paths), desc=f"{kind} features", unit="img", disable=not progress)
     # cuDNN convolves in TF32 by default on Ampere and later (features then differ from the
     # CPU's by ~1e-2): float32 throughout, so cached features do not depend on the device
     tf32 = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = False
     try:
         with torch.inference_mode():
-            for i in range(0, len(images), batch_size):
-                batch = images.paths[i : i + batch_size]
+            for i in range(0, len(paths), batch_size):
+                batch = paths[i : i + batch_size]
                 x = torch.stack(
                     [preprocess(read_rgb(p), resize, crop, spec.mean, spec.std) for p in batch]
                 ).to(device)

@@ -378,8 +378,12 @@ def check_explorer(page, url: str, seen: Seen, shots: Path | None = None) -> Non
     seen["explorer_title_normal"] = title.text_content()
 
 
-def drive(chromium: str, shots: Path | None = None) -> Seen:
-    """Run both checks in one JupyterLab; with ``shots``, screenshot each widget there."""
+def drive(chromium: str, shots: Path | None = None, failures: Path | None = None) -> Seen:
+    """Run both checks in one JupyterLab; with ``shots``, screenshot each widget there.
+
+    On a failure, the page (``failure.png``) and JupyterLab's log (``lab.log``) are copied into
+    ``failures`` (default: a folder under the system's temporary folder), named in the error.
+    """
     from playwright.sync_api import sync_playwright
 
     seen = Seen()
@@ -389,11 +393,17 @@ def drive(chromium: str, shots: Path | None = None) -> Seen:
             shutil.copy(NOTEBOOKS / name, folder / name)
         with jupyter_lab(folder) as url, sync_playwright() as p:
             browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1400, "height": 3000})
             try:
-                page = browser.new_page(viewport={"width": 1400, "height": 3000})
                 check_scoring(page, url, seen, shots)
                 close_notebook(page)
                 check_explorer(page, url, seen, shots)
+            except Exception as err:
+                keep = Path(failures or tempfile.mkdtemp(prefix="patchlab-browser-"))
+                keep.mkdir(parents=True, exist_ok=True)
+                page.screenshot(path=keep / "failure.png", full_page=True)
+                shutil.copy(folder / ".lab.log", keep / "lab.log")
+                raise AssertionError(f"{err}\n(the page and the server's log: {keep})") from err
             finally:
                 browser.close()
     return seen
