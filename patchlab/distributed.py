@@ -28,6 +28,7 @@ scheduler, because the results do not depend on it.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -89,6 +90,7 @@ def close_all() -> None:
 
 def forward_on_cluster(
     client,
+    forward: Callable,
     paths: list[Path],
     *,
     kind: str,
@@ -102,12 +104,17 @@ def forward_on_cluster(
     progress: bool = True,
 ) -> torch.Tensor:
     """Features of ``paths`` (see :func:`patchlab.features.extract_features`), one task per
-    batch of ``batch_size`` images; in the images' order, float32 on the CPU."""
+    batch of ``batch_size`` images; in the images' order, float32 on the CPU.
+
+    ``forward`` is :func:`patchlab.features.forward` (passed in, so that this module does not
+    import the features module that calls it); each worker runs it on its batches with its
+    own copy of the backbone."""
     chunks = [paths[i : i + batch_size] for i in range(0, len(paths), batch_size)]
     model = (backbone, str(weights), seed, device)
     futures = client.map(
         _features_task,
         chunks,
+        forward=forward,
         model=model,
         kind=kind,
         resize=resize,
@@ -118,11 +125,10 @@ def forward_on_cluster(
     return torch.from_numpy(np.concatenate(parts))
 
 
-def _features_task(paths, *, model, kind, resize, crop) -> np.ndarray:
+def _features_task(paths, *, forward, model, kind, resize, crop) -> np.ndarray:
     """On a worker: one batch's features, with the worker's own copy of the backbone."""
     from patchlab.backbones import build_backbone
     from patchlab.cache import resolve_device
-    from patchlab.features import forward
 
     if model not in _MODELS:
         backbone, weights, seed, device = model

@@ -124,6 +124,7 @@ def extract_features(
 
         features = forward_on_cluster(
             connect(scheduler),
+            forward,
             list(images.paths),
             kind=kind,
             backbone=backbone,

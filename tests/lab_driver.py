@@ -172,6 +172,8 @@ def jupyter_lab(folder: Path) -> Iterator[str]:
             "--IdentityProvider.token=",
             "--LabApp.expose_app_in_browser=True",
             f"--ServerApp.root_dir={folder}",
+            # a workspace of its own: no tabs restored from an earlier session
+            f"--LabApp.workspaces_dir={folder / '.workspaces'}",
             # stops itself if the caller dies: idle kernels culled, then an idle server exits
             "--MappingKernelManager.cull_idle_timeout=300",
             "--MappingKernelManager.cull_interval=60",
@@ -208,10 +210,14 @@ def jupyter_lab(folder: Path) -> Iterator[str]:
 
 def open_and_run(page, url: str, name: str, timeout: float = 900) -> None:
     """Open notebook ``name``, run all its cells, wait until the kernel is idle; raise on errors."""
-    page.goto(f"{url}/lab/tree/{name}")
+    page.goto(f"{url}/lab/tree/{name}?reset")
     page.wait_for_function(
-        "() => window.jupyterapp?.shell.currentWidget?.sessionContext?.session?.kernel"
-        "?.status === 'idle'",
+        """name => {
+            const w = window.jupyterapp?.shell.currentWidget;
+            const kernel = w?.sessionContext?.session?.kernel;
+            return w?.context?.path === name && kernel?.status === 'idle';
+        }""",
+        arg=name,
         timeout=180_000,
     )
     page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
