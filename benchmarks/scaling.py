@@ -47,15 +47,13 @@ def local_table(path: str, k: int) -> dict:
 
 def cluster_table(path: str, k: int, workers: int, strip_rows: int) -> dict:
     import torch
-    from distributed import Client, LocalCluster, get_task_stream
+    from distributed import Client, get_task_stream
 
-    from patchlab.distributed import knn_on_cluster
+    from patchlab.distributed import knn_on_cluster, local_cluster
     from patchlab.knn import knn
 
     x = torch.from_numpy(np.load(path))
-    cluster = LocalCluster(
-        n_workers=workers, threads_per_worker=1, host="127.0.0.1", dashboard_address="127.0.0.1:0"
-    )
+    cluster = local_cluster(workers)
     with Client(cluster) as client:
         # warm-up: every worker imports patchlab and compiles the merge before the clock
         client.run(lambda: knn(torch.randn(2048, 8), 3, progress=False) and None)
@@ -91,26 +89,17 @@ def features(workers: int, n: int, batch_size: int, where: str) -> dict:
         t0 = time.perf_counter()
         forward(paths, model, batch_size=batch_size, progress=False, **opts)
         return {"seconds_per_image": (time.perf_counter() - t0) / len(paths)}
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
-    from patchlab.distributed import forward_on_cluster
+    from patchlab.distributed import _features_task, forward_on_cluster, local_cluster
     from patchlab.features import forward
 
-    cluster = LocalCluster(
-        n_workers=workers, threads_per_worker=1, host="127.0.0.1", dashboard_address="127.0.0.1:0"
-    )
+    cluster = local_cluster(workers)
     kw = dict(backbone="efficientnet_lite0", weights="imagenet", seed=0, device="cpu")
     with Client(cluster) as client:
-        # warm-up: each worker builds its backbone once (one batch per worker)
-        forward_on_cluster(
-            client,
-            forward,
-            paths[: batch_size * workers],
-            batch_size=batch_size,
-            progress=False,
-            **opts,
-            **kw,
-        )
+        # warm-up on every worker: each builds its backbone once and runs one batch
+        model = (kw["backbone"], kw["weights"], kw["seed"], kw["device"])
+        client.run(_features_task, paths[:batch_size], forward=forward, model=model, **opts)
         t0 = time.perf_counter()
         forward_on_cluster(
             client, forward, paths, batch_size=batch_size, progress=False, **opts, **kw
@@ -135,7 +124,7 @@ def main() -> None:
     parser.add_argument("--cases", nargs="+", default=list(DEFAULT_CASES))
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--strip-rows", type=int, default=4096)
-    parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--images", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()

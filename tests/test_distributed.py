@@ -21,19 +21,13 @@ import torch
 distributed = pytest.importorskip("distributed", reason="pip install 'patchlab[dask]'")
 
 from patchlab.cli import main  # noqa: E402
-from patchlab.distributed import connect, knn_on_cluster  # noqa: E402
+from patchlab.distributed import connect, knn_on_cluster, local_cluster  # noqa: E402
 from patchlab.knn import knn  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def client():
-    cluster = distributed.LocalCluster(
-        n_workers=2,
-        threads_per_worker=1,
-        processes=True,
-        host="127.0.0.1",
-        dashboard_address="127.0.0.1:0",
-    )
+    cluster = local_cluster(2)  # what --scheduler local starts, with 2 workers
     with distributed.Client(cluster) as c:
         yield c
     cluster.close()
