@@ -19,6 +19,7 @@ import argparse
 import json
 import math
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -61,6 +62,8 @@ def cluster_table(path: str, k: int, workers: int, strip_rows: int) -> dict:
             t0 = time.perf_counter()
             table = knn_on_cluster(client, x, k, strip_rows=strip_rows, progress=False)
             seconds = time.perf_counter() - t0
+        # each worker's peak resident memory (its share of the bank, the search's blocks)
+        peaks = client.run(lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         tasks = [
             s["stop"] - s["start"]
             for t in stream.data
@@ -70,7 +73,13 @@ def cluster_table(path: str, k: int, workers: int, strip_rows: int) -> dict:
         ]
     cluster.close()
     np.save(path + ".cluster.npy", table.indices.numpy())
-    return {"seconds": seconds, "task_seconds": tasks, "strips": math.ceil(len(x) / strip_rows)}
+    return {
+        "seconds": seconds,
+        "task_seconds": tasks,
+        "strips": math.ceil(len(x) / strip_rows),
+        "worker_peak_mb": max(peaks.values()),
+        "bank_mb": x.numel() * 4 / 2**20,
+    }
 
 
 def features(workers: int, n: int, batch_size: int, where: str) -> dict:
@@ -153,7 +162,8 @@ def main() -> None:
             f"cluster {spread['seconds']:.2f} s ({spread['strips']} strips of "
             f"{args.strip_rows}, {tasks.mean():.2f} s each, {tasks.sum():.1f} s of compute); "
             f"cluster/local {spread['seconds'] / local['seconds']:.2f}; identical tables: {same}; "
-            f"c = {c:.3e} s per row pair per dim"
+            f"c = {c:.3e} s per row pair per dim; worker peak {spread['worker_peak_mb']:.0f} MB "
+            f"(bank {spread['bank_mb']:.0f} MB)"
         )
     local = child(["features", args.workers, args.images, args.batch_size, "local"])
     spread = child(["features", args.workers, args.images, args.batch_size, "cluster"])
