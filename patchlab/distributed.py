@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from patchlab.backbones import MALLOC_MMAP_THRESHOLD, MALLOC_TRIM_THRESHOLD
 from patchlab.knn import Engine, Neighbours, knn
 
 STRIP_ROWS = 4096  # rows of queries per neighbour task
@@ -73,9 +74,12 @@ def connect(scheduler: str):
 
 # Dask's nannies set MALLOC_TRIM_THRESHOLD_=65536 in their workers, which also fixes glibc's
 # mmap threshold at 128 KiB: every convolution buffer is then a fresh mmap, and the backbone
-# ran 2.3x slower per image (126 ms against 56 ms, one thread; benchmarks/scaling.py). These
-# two bound what a worker keeps (256 MiB of freed heap) and keep its buffers on the heap.
-WORKER_ENV = {"MALLOC_TRIM_THRESHOLD_": str(256 << 20), "MALLOC_MMAP_THRESHOLD_": str(32 << 20)}
+# ran 2.3x slower per image (126 ms against 56 ms, one thread; docs/scaling.md). The workers
+# get the CLI's thresholds instead (patchlab.backbones.tune_malloc).
+WORKER_ENV = {
+    "MALLOC_TRIM_THRESHOLD_": str(MALLOC_TRIM_THRESHOLD),
+    "MALLOC_MMAP_THRESHOLD_": str(MALLOC_MMAP_THRESHOLD),
+}
 
 
 def local_cluster(n_workers: int | None = None):

@@ -185,3 +185,17 @@ def test_random_weights_run_and_are_recorded(tiny_demo, tmp_path):
     assert main(argv + ["--weights", "none", "--k", "3"]) == 0
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["weights"] == "none" and metrics["feature_dim"] == 152
+
+
+def test_the_command_line_sets_the_malloc_thresholds(tiny_demo, tmp_path, monkeypatch):
+    """The CLI process tunes glibc's malloc for the backbone's buffers (patchlab.backbones)."""
+    import platform
+
+    import patchlab.backbones as backbones
+
+    if platform.libc_ver()[0] == "glibc":
+        assert backbones.tune_malloc() is True
+    calls = []
+    monkeypatch.setattr(backbones, "tune_malloc", lambda: calls.append(1) or True)
+    assert main(["demo-data", str(tmp_path / "d"), "--categories", "brick"]) == 0
+    assert calls == [1]
