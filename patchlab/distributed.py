@@ -7,8 +7,8 @@ Two steps of a run are split into tasks; everything else stays in this process:
 
 - **features**: the images in chunks of ``batch_size`` (the local path's batches), each task
   reading its images and running the backbone, which each worker builds once. The workers read
-  the images from their paths: on a cluster of several machines, the data must lie on storage
-  they share.
+  the images (and a ``--weights`` file) from their paths: on a cluster of several machines,
+  they must lie on storage the workers share.
 - **neighbour table**: row strips of the query × bank grid. The bank is sent to every worker
   once (``scatter(broadcast=True)``: a lost worker's copy is on the others); a task computes
   its rows' exact k nearest over the whole bank with :func:`patchlab.knn.knn` (the same
@@ -45,8 +45,8 @@ _MODELS: dict[tuple, torch.nn.Module] = {}  # each worker's backbones, built onc
 
 def connect(scheduler: str):
     """A ``distributed.Client`` for ``scheduler``: ``"local"`` (a LocalCluster of one
-    single-threaded worker process per core, on 127.0.0.1, without dashboard) or a scheduler's
-    address. Clients are kept for the life of the process (a widget re-running does not start a
+    single-threaded worker process per core, on 127.0.0.1, :func:`local_cluster`) or a
+    scheduler's address. Clients are kept for the life of the process (a widget re-running does not start a
     new cluster)."""
     try:
         from distributed import Client
