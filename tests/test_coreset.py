@@ -1,4 +1,4 @@
-import sys
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -7,8 +7,18 @@ import torch
 
 from patchlab.coreset import N_STARTS, greedy_coreset, project
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from reference_coreset import reference_greedy  # noqa: E402
+
+def _benchmark(name: str):
+    """A module of benchmarks/ loaded by its path (benchmarks/ stays off sys.path, where a
+    script named like a package would shadow it: a benchmarks/distributed.py once hid Dask)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+reference_greedy = _benchmark("reference_coreset").reference_greedy
 
 
 @pytest.fixture
