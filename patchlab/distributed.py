@@ -46,8 +46,8 @@ _MODELS: dict[tuple, torch.nn.Module] = {}  # each worker's backbones, built onc
 def connect(scheduler: str):
     """A ``distributed.Client`` for ``scheduler``: ``"local"`` (a LocalCluster of one
     single-threaded worker process per core, on 127.0.0.1, :func:`local_cluster`) or a
-    scheduler's address. Clients are kept for the life of the process (a widget re-running does not start a
-    new cluster)."""
+    scheduler's address. Clients are kept for the life of the process (a widget re-running
+    does not start a new cluster)."""
     try:
         from distributed import Client
     except ImportError:
