@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     tune_malloc()  # ~1.4x faster feature extraction here (patchlab.backbones)
     try:
         return COMMANDS[args.command](args)
-    except (ValueError, RuntimeError, OSError, ImportError) as err:  # OSError: missing, ...
+    except (ValueError, RuntimeError, OSError) as err:  # OSError: missing, unwritable, ...
         print(f"patchlab {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: what was finished is cached, the outputs untouched

@@ -81,8 +81,8 @@ class RunConfig:
         Mutual scoring: the share of other images whose minima are averaged.
     scheduler : str, optional
         A Dask scheduler's address, or ``"local"``: features and the neighbour table are
-        computed on that cluster (:mod:`patchlab.distributed`), with the same results and the
-        same cache entries.
+        computed on that cluster (:mod:`patchlab.distributed`), into the same cache entries:
+        the same table from the same features; features equal to float32 rounding.
     """
 
     data: str

@@ -22,7 +22,9 @@ A task lost with its worker is run again by Dask elsewhere; the result does not 
 Memory per worker: the bank (n_bank × d × 4 bytes), the task's queries, its GEMM blocks
 (about 3 × 2048² × 4 bytes = 50 MB on the CPU) and its candidates (rows × (k + pool) × 12
 bytes). Results land in the same cache as a local run: the cache keys do not include the
-scheduler, because the results do not depend on it.
+scheduler: from the same features a table is the local one bit for bit, and features equal a
+local run's to float32 rounding (oneDNN sums in an order that depends on the thread count and
+the buffers' alignment), as two local runs with other thread counts do.
 """
 
 from __future__ import annotations
@@ -35,8 +37,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from patchlab.backbones import MALLOC_MMAP_THRESHOLD, MALLOC_TRIM_THRESHOLD
-from patchlab.knn import Engine, Neighbours, knn
+from patchlab.backbones import MALLOC_MMAP_THRESHOLD, MALLOC_TRIM_THRESHOLD, weights_identity
+from patchlab.knn import Engine, Neighbours, check_arguments, knn
 
 STRIP_ROWS = 4096  # rows of queries per neighbour task
 _CLIENTS: dict[str, object] = {}  # one client per scheduler address in this process
@@ -50,8 +52,8 @@ def connect(scheduler: str):
     does not start a new cluster)."""
     try:
         from distributed import Client
-    except ImportError:
-        raise ImportError(
+    except ImportError:  # a RuntimeError: the CLI prints it as one line
+        raise RuntimeError(
             "--scheduler needs Dask: pip install 'patchlab[dask]' (dask[distributed])"
         ) from None
     client = _CLIENTS.get(scheduler)
@@ -83,9 +85,9 @@ WORKER_ENV = {
 
 
 def local_cluster(n_workers: int | None = None):
-    """A ``distributed.LocalCluster`` of ``n_workers`` (default: one per core) single-threaded
-    worker processes, listening on 127.0.0.1 only (dashboard on a free port), with
-    :data:`WORKER_ENV`."""
+    """A ``distributed.LocalCluster`` of ``n_workers`` (default: one per usable core)
+    single-threaded worker processes, listening on 127.0.0.1 only (dashboard on a free port),
+    with :data:`WORKER_ENV`."""
     import dask
     from distributed import LocalCluster
 
@@ -93,12 +95,20 @@ def local_cluster(n_workers: int | None = None):
     spawn = {f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in WORKER_ENV.items()}
     with dask.config.set(spawn):
         return LocalCluster(
-            n_workers=n_workers or os.cpu_count() or 1,
+            n_workers=n_workers or _usable_cores(),
             threads_per_worker=1,
             processes=True,
             host="127.0.0.1",
             dashboard_address="127.0.0.1:0",
         )
+
+
+def _usable_cores() -> int:
+    """The cores this process may run on (its affinity; a container's limit), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def close_all() -> None:
@@ -132,8 +142,14 @@ def forward_on_cluster(
     ``forward`` is :func:`patchlab.features.forward` (passed in, so that this module does not
     import the features module that calls it); each worker runs it on its batches with its
     own copy of the backbone."""
+    # absolute paths: a worker may run in another folder (a file system it shares)
+    paths = [Path(p).resolve() for p in paths]
+    if str(weights) not in ("imagenet", "none"):
+        weights = Path(weights).resolve()
     chunks = [paths[i : i + batch_size] for i in range(0, len(paths), batch_size)]
-    model = (backbone, str(weights), seed, device)
+    # a worker keeps its backbone under the weights' identity (a file's hash): an edited
+    # weights file at the same path gets a new backbone, never the old one's features
+    model = (backbone, str(weights), seed, device, weights_identity(backbone, weights, seed))
     futures = client.map(
         _features_task,
         chunks,
@@ -154,7 +170,7 @@ def _features_task(paths, *, forward, model, kind, resize, crop) -> np.ndarray:
     from patchlab.cache import resolve_device
 
     if model not in _MODELS:
-        backbone, weights, seed, device = model
+        backbone, weights, seed, device, _ = model
         _MODELS[model] = build_backbone(backbone, weights, seed).to(resolve_device(device))
     return forward(paths, _MODELS[model], kind, resize, crop, len(paths), False).numpy()
 
@@ -176,65 +192,71 @@ def knn_on_cluster(
 ) -> Neighbours:
     """:func:`patchlab.knn.knn` with its rows split into strips computed on a Dask cluster.
 
-    Same parameters and result as :func:`~patchlab.knn.knn` (a self-kNN when ``bank`` is
-    None), plus ``strip_rows``, the queries per task. Each task searches the whole bank for its
-    strip, with the strip's rows' own ids and groups, so the exclusions are the local ones.
+    Same parameters, checks and result as :func:`~patchlab.knn.knn` (a self-kNN when ``bank``
+    is None), plus ``strip_rows``, the queries per task. Every worker receives the bank side
+    once (the bank, or for a self-kNN the queries, and its keys); a task receives its strip
+    (for a self-kNN only its row range) and searches the whole bank for it with the strip's
+    own ids and groups, so the exclusions are the local ones.
     """
     if strip_rows < 1:
         raise ValueError(f"strip_rows must be >= 1, got {strip_rows}")
-    queries = queries.detach().cpu().float()
+    symmetric = bank is None
+    queries, bank, ids, groups = check_arguments(
+        queries, k, bank, exclude, query_ids, bank_ids, query_groups, bank_groups
+    )
     n = len(queries)
-    if bank is None and exclude == "self" and query_ids is None:
-        query_ids = torch.arange(n)  # self-kNN: identities are positions
-    # every worker gets the arrays once; a task names them and its rows
-    send = {
-        "queries": queries,
-        "bank": bank,
-        "query_ids": query_ids,
-        "bank_ids": bank_ids,
-        "query_groups": query_groups,
-        "bank_groups": bank_groups,
-    }
-    shared = {
-        name: client.scatter(value.detach().cpu().numpy(), broadcast=True, hash=False)
-        for name, value in send.items()
-        if value is not None
-    }
-    futures = [
-        client.submit(
-            _knn_task, start, min(start + strip_rows, n), k, exclude, engine, pure=False, **shared
-        )
-        for start in range(0, n, strip_rows)
-    ]
+    # (query key, bank key) pairs as resolved by the checks (self-kNN ids default to positions)
+    query_side = {"features": queries, "ids": ids[0], "groups": groups[0]}
+    bank_side = query_side if symmetric else {"features": bank, "ids": ids[1], "groups": groups[1]}
+    shared = _scatter(client, bank_side, broadcast=True)
+    futures = []
+    for start in range(0, n, strip_rows):
+        rows = (start, min(start + strip_rows, n))
+        strip = rows if symmetric else _scatter(client, _rows(query_side, *rows))
+        futures.append(client.submit(_knn_task, strip, shared, k, exclude, engine, pure=False))
     parts = _gather(client, futures, "neighbours (dask)", "strip", progress)
     distances = torch.from_numpy(np.concatenate([d for d, _ in parts]))
     indices = torch.from_numpy(np.concatenate([i for _, i in parts]))
     return Neighbours(distances, indices, exclude)
 
 
-def _knn_task(start, stop, k, exclude, engine, *, queries, bank=None, **keys):
-    """On a worker: the exact k nearest of query rows ``start:stop`` over the whole bank."""
-    rows = slice(start, stop)
-    queries = torch.from_numpy(queries)
-    # a self-kNN's bank is the queries, with their ids and groups
-    side = "query" if bank is None else "bank"
+def _scatter(client, arrays: dict, broadcast: bool = False) -> dict:
+    """The arrays of ``arrays`` (None left out) sent to the cluster; their futures."""
+    return {
+        name: client.scatter(a.detach().cpu().numpy(), broadcast=broadcast, hash=False)
+        for name, a in arrays.items()
+        if a is not None
+    }
+
+
+def _rows(arrays: dict, start: int, stop: int) -> dict:
+    return {name: None if a is None else a[start:stop] for name, a in arrays.items()}
+
+
+def _knn_task(strip, bank: dict, k, exclude, engine) -> tuple[np.ndarray, np.ndarray]:
+    """On a worker: the exact k nearest of one strip of queries over the whole bank.
+
+    ``strip`` is a (start, stop) row range of the bank itself (self-kNN) or the strip's own
+    arrays; ``bank`` the bank side's arrays (features, ids, groups), as numpy."""
+    if isinstance(strip, tuple):
+        strip = {name: a[strip[0] : strip[1]] for name, a in bank.items()}
+
+    def tensor(arrays: dict, name: str) -> torch.Tensor | None:
+        return torch.from_numpy(arrays[name]) if name in arrays else None
+
     table = knn(
-        queries[rows],
+        tensor(strip, "features"),
         k,
-        queries if bank is None else torch.from_numpy(bank),
+        tensor(bank, "features"),
         exclude=exclude,
-        query_ids=_key(keys, "query_ids", rows),
-        bank_ids=_key(keys, f"{side}_ids"),
-        query_groups=_key(keys, "query_groups", rows),
-        bank_groups=_key(keys, f"{side}_groups"),
+        query_ids=tensor(strip, "ids"),
+        bank_ids=tensor(bank, "ids"),
+        query_groups=tensor(strip, "groups"),
+        bank_groups=tensor(bank, "groups"),
         engine=engine,
         progress=False,
     )
     return table.distances.numpy(), table.indices.numpy()
-
-
-def _key(keys: dict, name: str, rows: slice = slice(None)) -> torch.Tensor | None:
-    return torch.from_numpy(keys[name][rows]) if name in keys else None
 
 
 def _gather(client, futures, desc: str, unit: str, progress: bool) -> list:
@@ -242,6 +264,10 @@ def _gather(client, futures, desc: str, unit: str, progress: bool) -> list:
     from distributed import as_completed
 
     with tqdm(total=len(futures), desc=desc, unit=unit, disable=not progress) as bar:
-        for _ in as_completed(futures):
+        for future in as_completed(futures):
+            if future.status == "error":  # the first failed task stops the step
+                for other in futures:
+                    other.cancel()
+                future.result()  # raises the task's own exception
             bar.update()
     return client.gather(futures)

@@ -16,6 +16,10 @@ from __future__ import annotations
 
 import html
 import json
+import os
+import shutil
+import tempfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -75,12 +79,31 @@ def report_from_folder(folder: str | Path, progress: bool = True) -> list[Path]:
             raise FileNotFoundError(
                 f"{folder / name} does not exist: pass the --out folder of a patchlab run"
             )
-    with np.load(folder / "maps.npz") as z:
-        maps = {key: z[key] for key in z.files}
-    if "shown" not in maps:
-        raise ValueError(f"{folder / 'maps.npz'} predates reports; run the command again")
-    metrics = json.loads((folder / "metrics.json").read_text())
-    return write_report(folder, maps, metrics, progress)
+    try:
+        with np.load(folder / "maps.npz") as z:
+            maps = {key: z[key] for key in z.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise ValueError(f"{folder / 'maps.npz'} cannot be read ({err}); run again") from None
+    missing = {"maps", "masks", "labels", "image_scores", "paths", "shown", "shown_images"}
+    if missing - set(maps):
+        raise ValueError(
+            f"{folder / 'maps.npz'} lacks {', '.join(sorted(missing - set(maps)))} (written by "
+            "an older patchlab, or not by patchlab); run the command again"
+        )
+    try:
+        metrics = json.loads((folder / "metrics.json").read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{folder / 'metrics.json'} is not valid JSON ({err})") from None
+    # drawn beside the run, then moved in: a killed report leaves the old one or none
+    tmp = Path(tempfile.mkdtemp(dir=folder, prefix=".report-"))
+    try:
+        write_report(tmp, maps, metrics, progress)
+        shutil.rmtree(folder / "overlays", ignore_errors=True)
+        os.replace(tmp / "overlays", folder / "overlays")
+        os.replace(tmp / "report.html", folder / "report.html")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return [*sorted((folder / "overlays").glob("*.png")), folder / "report.html"]
 
 
 def overlay(

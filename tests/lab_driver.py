@@ -158,8 +158,34 @@ def jupyter_lab(folder: Path) -> Iterator[str]:
     port = free_port()
     env = dict(os.environ, JUPYTERLAB_SETTINGS_DIR=str(settings))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    log = open(folder / ".lab.log", "w")
-    lab = subprocess.Popen(
+    with open(folder / ".lab.log", "w") as log:  # the child keeps its own descriptor
+        lab = _start_lab(folder, port, env, log)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(240):
+            try:
+                with urllib.request.urlopen(f"{url}/api/status", timeout=1):
+                    break
+            except OSError:
+                if lab.poll() is not None:
+                    raise RuntimeError(
+                        "jupyter lab exited:\n" + (folder / ".lab.log").read_text()[-3000:]
+                    ) from None
+                time.sleep(0.5)
+        else:
+            raise RuntimeError("jupyter lab did not answer within 2 minutes")
+        yield url
+    finally:
+        lab.terminate()
+        try:
+            lab.wait(30)
+        except subprocess.TimeoutExpired:
+            lab.kill()
+            lab.wait(30)
+
+
+def _start_lab(folder: Path, port: int, env: dict, log) -> subprocess.Popen:
+    return subprocess.Popen(
         [
             sys.executable,
             "-m",
@@ -184,28 +210,6 @@ def jupyter_lab(folder: Path) -> Iterator[str]:
         stdout=subprocess.DEVNULL,
         stderr=log,
     )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(240):
-            try:
-                urllib.request.urlopen(f"{url}/api/status", timeout=1)
-                break
-            except OSError:
-                if lab.poll() is not None:
-                    raise RuntimeError(
-                        "jupyter lab exited:\n" + (folder / ".lab.log").read_text()[-3000:]
-                    ) from None
-                time.sleep(0.5)
-        else:
-            raise RuntimeError("jupyter lab did not answer within 2 minutes")
-        yield url
-    finally:
-        lab.terminate()
-        try:
-            lab.wait(30)
-        except subprocess.TimeoutExpired:
-            lab.kill()
-        log.close()
 
 
 def open_and_run(page, url: str, name: str, timeout: float = 900) -> None:
@@ -299,6 +303,8 @@ def check_scoring(page, url: str, seen: Seen, shots: Path | None = None) -> None
     expect(readout).to_have_text(str(K_NEW))
     wait_idle(page)
     wait_changed(figure, HEATMAPS, maps_before)
+    # the status line is a separate message from the figure's: wait for it too
+    expect(status).to_contain_text(f"K = {K_NEW}:", timeout=60_000)
     seen["scoring_k_moved"] = int(readout.inner_text())
     seen["scoring_status_moved"] = status.inner_text()
     maps_after = figure.evaluate(HEATMAPS)

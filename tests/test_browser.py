@@ -46,7 +46,8 @@ def test_scoring_widget_opens_at_the_notebooks_k_and_moves(seen):
     # pretrained features rank the demo's brick images (the broken first view showed 0.017)
     assert auroc(seen["scoring_status_first"]) > 0.9
     assert seen["scoring_k_moved"] == K_NEW
-    assert seen["scoring_status_moved"] != seen["scoring_status_first"]
+    assert f"patchcluster, K = {K_NEW}:" in seen["scoring_status_moved"]
+    assert "patchcluster, K = 10:" in seen["scoring_status_first"]
     assert seen["scoring_n_maps"] == (8, 8) and seen["scoring_maps_changed"]
 
 

@@ -167,3 +167,23 @@ def test_report_of_a_folder_without_a_run_names_it(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert str(tmp_path / "maps.npz") in err and "--out folder of a patchlab run" in err
+
+
+@pytest.mark.parametrize(
+    "name, damage, message",
+    [
+        ("maps.npz", b"PK\x03\x04 truncated", "maps.npz cannot be read"),
+        ("metrics.json", b'{"image_auroc": 1.0,', "metrics.json is not valid JSON"),
+    ],
+)
+def test_report_of_a_damaged_run_names_the_file(
+    reported_run, tmp_path, capsys, name, damage, message
+):
+    out = tmp_path / "copy"
+    out.mkdir()
+    for file in ("maps.npz", "metrics.json"):
+        (out / file).write_bytes((reported_run / file).read_bytes())
+    (out / name).write_bytes(damage)
+    assert main(["report", str(out), "--quiet"]) == 2
+    assert message in capsys.readouterr().err
+    assert not (out / "report.html").exists() and not list(out.glob(".report-*"))

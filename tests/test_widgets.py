@@ -66,6 +66,9 @@ def test_explore_opens_the_scoring_widget(result):
     assert widget.k.max == 20 and widget.k.value == 3
     _assert_figure_shows(widget, *_expected(result))
     assert "brick/test" in widget.status.value
+    assert "patchcluster, K = 3: image AUROC" in widget.status.value  # what it shows
+    widget.method.value = "patchcore"
+    assert "patchcore: image AUROC" in widget.status.value and "K =" not in widget.status.value
     assert widget._repr_mimebundle_()  # displayable
 
 

@@ -243,9 +243,12 @@ class ScoringWidget(Displays):
             if weights == "none"
             else ""
         )
+        config = result.config
+        k = "" if config.method in K_FREE_METHODS else f", K = {config.k}"
         return (
             f"<b>{result.images.name}</b>, {m['n_images']} images, {m['n_patches']} patches; "
-            f"image AUROC {fmt(m['image_auroc'])}, pixel AUROC {fmt(m['pixel_auroc'])}, "
+            f"{config.method}{k}: image AUROC {fmt(m['image_auroc'])}, "
+            f"pixel AUROC {fmt(m['pixel_auroc'])}, "
             f"PRO {fmt(m['pro'])}; re-scored in {self.rescore_ms:.0f} ms "
             f"(figure {self.update_ms - self.rescore_ms:.0f} ms){note}"
         )
