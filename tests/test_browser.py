@@ -9,6 +9,7 @@ the test is skipped, with the reason, only where no Chromium can be found.
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -74,3 +75,43 @@ def test_explorer_click_and_dropdown(seen):
     assert seen["explorer_choice_normal"] == "normal patch"
     assert seen["explorer_title_normal"].startswith("good/")
     print(f"a click answered in {seen['explorer_click_seconds']:.2f} s")
+
+
+def test_report_opens_offline_in_the_browser(tiny_demo, tmp_path):
+    """report.html in Chromium with every non-file request refused: all four figures draw."""
+    sync_playwright = pytest.importorskip(
+        "playwright.sync_api", reason="`pip install playwright` (never `playwright install`)"
+    ).sync_playwright
+    from lab_driver import CHROMIUM_ARGS
+
+    from patchlab.cli import main
+
+    out = tmp_path / "run"
+    args = ["run", str(tiny_demo), "--category", "brick", "--k", "5", "--report"]
+    assert main([*args, "--out", str(out), "--quiet"]) == 0
+    refused = []
+
+    def offline(route):
+        if route.request.url.startswith(("file:", "data:")):
+            return route.continue_()
+        refused.append(route.request.url)
+        return route.abort()
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.route("**/*", offline)
+            page.goto((out / "report.html").as_uri())
+            page.wait_for_function(
+                "() => document.querySelectorAll('.js-plotly-plot .main-svg').length >= 4",
+                timeout=60_000,
+            )
+            drawn = page.evaluate(
+                "() => [...document.querySelectorAll('.js-plotly-plot')].map(gd => gd.data.length)"
+            )
+        finally:
+            browser.close()
+    shown = min(8, json.loads((out / "metrics.json").read_text())["n_images"])
+    assert len(drawn) == 4 and drawn[0] == 3 * shown  # the overlay grid: 3 traces per image
+    assert refused == []  # nothing asked for the network
