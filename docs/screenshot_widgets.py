@@ -40,7 +40,7 @@ def main() -> None:
         raise SystemExit("no Chromium found: apt-get install chromium, or pass --chromium")
     args.out.mkdir(parents=True, exist_ok=True)
     seen = drive(args.chromium, shots=args.out.resolve())
-    for key, value in seen.notes.items():
+    for key, value in seen.items():
         print(f"{key}: {value}")
     for name in ("scoring_widget.png", "neighbour_explorer.png"):
         path = args.out / name

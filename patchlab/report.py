@@ -28,6 +28,7 @@ from scipy import ndimage
 from tqdm.auto import tqdm
 
 from patchlab.metrics import pixel_roc_curve, pro_curve, roc_curve
+from patchlab.viz import map_range
 
 N_SHOW = 8  # images in the report and its overlays, most anomalous first
 CYAN = np.array([0, 255, 255], np.uint8)
@@ -57,7 +58,7 @@ def write_report(
     written = []
     (folder / "overlays").mkdir(exist_ok=True)
     bar = tqdm(total=len(shown) + 1, desc="report", unit="file", disable=not progress)
-    zrange = (float(np.min(maps["maps"])), float(np.max(maps["maps"])))
+    zrange = map_range(maps["maps"])  # one colour scale for the set, as the widgets
     for rank, (i, picture) in enumerate(zip(shown, pictures, strict=True)):
         path = folder / "overlays" / f"{rank + 1:02d}_{names[rank]}.png"
         Image.fromarray(overlay(picture, maps["maps"][i], maps["masks"][i], zrange)).save(path)

@@ -15,7 +15,7 @@ uses the widgets:
   click on another patch of the image changes the crops, the dropdown ("clicked: …") and the
   marker; picking "normal patch" in the dropdown changes them again.
 
-Each check returns what it saw (:class:`Seen`); the caller asserts. Chromium is Debian's
+Each check records what it saw in a dict; the caller asserts. Chromium is Debian's
 (``apt-get install chromium``), never one ``playwright install`` downloads.
 
 The server stops itself if this process dies: idle kernels are culled after 5 minutes and the
@@ -35,7 +35,6 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -116,19 +115,6 @@ CLOCK = """(gd, crops) => {
 
 # where the UMAP figure draws the query's nearest neighbour (first point of the last trace but one)
 NEAREST = """gd => { const t = gd.data[gd.data.length - 2]; return [t.x[0], t.y[0]]; }"""
-
-
-@dataclass
-class Seen:
-    """What the browser showed; the test asserts on it, the screenshot script prints it."""
-
-    notes: dict = field(default_factory=dict)
-
-    def __setitem__(self, key, value) -> None:
-        self.notes[key] = value
-
-    def __getitem__(self, key):
-        return self.notes[key]
 
 
 def find_chromium() -> str | None:
@@ -270,7 +256,7 @@ def output(page, cell: int):
     return page.locator(NOTEBOOK).locator(".jp-CodeCell").nth(cell).locator(".jp-OutputArea-output")
 
 
-def rendered(page, cell: int, seen: Seen, prefix: str) -> None:
+def rendered(page, cell: int, seen: dict, prefix: str) -> None:
     """Record whether the widget of ``cell`` rendered: a plotly figure, no placeholder text."""
     from playwright.sync_api import expect
 
@@ -281,7 +267,7 @@ def rendered(page, cell: int, seen: Seen, prefix: str) -> None:
     seen[f"{prefix}_figures"] = output(page, cell).locator(".js-plotly-plot").count()
 
 
-def check_scoring(page, url: str, seen: Seen, shots: Path | None = None) -> None:
+def check_scoring(page, url: str, seen: dict, shots: Path | None = None) -> None:
     """Notebook 04's scoring widget: first view, K moved, PatchCore disables K."""
     from playwright.sync_api import expect
 
@@ -329,7 +315,7 @@ def check_scoring(page, url: str, seen: Seen, shots: Path | None = None) -> None
     seen["scoring_k_editable_patchcore"] = readout.get_attribute("contenteditable")
 
 
-def check_explorer(page, url: str, seen: Seen, shots: Path | None = None) -> None:
+def check_explorer(page, url: str, seen: dict, shots: Path | None = None) -> None:
     """Notebook 03's neighbour explorer: first view, a click on a patch, the dropdown."""
     from playwright.sync_api import expect
 
@@ -390,7 +376,7 @@ def check_explorer(page, url: str, seen: Seen, shots: Path | None = None) -> Non
     seen["explorer_title_normal"] = title.text_content()
 
 
-def drive(chromium: str, shots: Path | None = None, failures: Path | None = None) -> Seen:
+def drive(chromium: str, shots: Path | None = None, failures: Path | None = None) -> dict:
     """Run both checks in one JupyterLab; with ``shots``, screenshot each widget there.
 
     On a failure, the page (``failure.png``) and JupyterLab's log (``lab.log``) are copied into
@@ -398,7 +384,7 @@ def drive(chromium: str, shots: Path | None = None, failures: Path | None = None
     """
     from playwright.sync_api import sync_playwright
 
-    seen = Seen()
+    seen: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         for name in (SCORING_NB, EXPLORER_NB):
