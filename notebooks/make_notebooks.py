@@ -193,7 +193,8 @@ n, h, w, d = features.shape
 bank = features.reshape(n * h * w, d)
 t0 = time.perf_counter()
 rows = greedy_coreset(bank, 0.10, seed=config.seed, progress=False)  # picks, in order
-print(f"greedy coreset: {len(rows)} of {len(bank)} patches in {time.perf_counter() - t0:.1f} s")"""),
+seconds = time.perf_counter() - t0
+print(f"greedy coreset: {len(rows)} of {len(bank)} patches in {seconds:.1f} s")"""),
     ("md", """\
 ## Coverage radius against the ratio
 
@@ -209,7 +210,7 @@ for ratio in ratios:
     m = max(1, int(len(bank) * ratio))
     nearest = knn(bank, 1, bank[rows[:m]], exclude="none", progress=False)
     radii.append(float(nearest.distances.max()))
-print({r: round(x, 2) for r, x in zip(ratios, radii)})
+print({r: round(x, 2) for r, x in zip(ratios, radii, strict=True)})
 viz.coverage_figure(ratios, radii).show()"""),
     ("md", """\
 ## Which patches are picked
@@ -230,7 +231,7 @@ for i in shown:
     own = picked[picked // (h * w) == i] % (h * w)
     picks.append(np.stack([own // w, own % w], 1))
 titles = [f"{'defect' if images.labels[i] else 'good'}: {len(p)} picks" for i, p in
-          zip(shown, picks)]
+          zip(shown, picks, strict=True)]
 viz.coreset_picks_figure(pictures, picks, titles).show()
 per_image = np.bincount(picked // (h * w), minlength=n)
 print("picks per good image:", per_image[images.labels == 0].mean().round(1),
