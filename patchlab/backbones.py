@@ -28,7 +28,6 @@ that only need speed; never shown results) or the path of a saved state dict.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from pathlib import Path
 from typing import Protocol
@@ -37,6 +36,8 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
+
+from patchlab.hashing import file_digest
 
 WRN_IMAGENET = torchvision.models.Wide_ResNet50_2_Weights.IMAGENET1K_V1
 WRN_IMAGENET_FILE = Path(WRN_IMAGENET.url).name
@@ -348,8 +349,7 @@ def weights_identity(name: str, weights: str | Path, seed: int) -> str:
             f"weights file {weights} does not exist; pass --weights imagenet, none or a "
             "state-dict file"
         )
-    digest = hashlib.sha256(Path(weights).read_bytes()).hexdigest()
-    return f"{spec.name}-file-{digest}"
+    return f"{spec.name}-file-{file_digest(weights, 'sha256')}"  # read once per process
 
 
 # glibc malloc thresholds for the backbone's buffers: with glibc's defaults (a dynamic mmap
