@@ -28,3 +28,25 @@ def reference_greedy(projected: np.ndarray, starts: np.ndarray, m: int) -> np.nd
         anchor = np.concatenate([anchor, column], axis=-1)
         anchor = np.min(anchor, axis=1).reshape(-1, 1)
     return np.array(picked)
+
+
+def reference_greedy_torch(projected, starts, m: int):
+    """The same loop in torch on the tensor's device, as patchcore-inspection runs it there:
+    ``torch.argmax(...).item()`` per pick (a host round trip), norms recomputed, the anchor
+    column concatenated and reduced with a min."""
+    import torch
+
+    def distances(a, b):
+        a_times_a = a.unsqueeze(1).bmm(a.unsqueeze(2)).reshape(-1, 1)
+        b_times_b = b.unsqueeze(1).bmm(b.unsqueeze(2)).reshape(1, -1)
+        return (-2 * a.mm(b.T) + a_times_a + b_times_b).clamp(0, None).sqrt()
+
+    anchor = distances(projected, projected[torch.as_tensor(starts)]).mean(-1).reshape(-1, 1)
+    picked = []
+    for _ in range(m):
+        select = torch.argmax(anchor).item()
+        picked.append(select)
+        column = distances(projected, projected[select : select + 1])
+        anchor = torch.cat([anchor, column], dim=-1)
+        anchor = torch.min(anchor, dim=1).values.reshape(-1, 1)
+    return np.array(picked)

@@ -87,25 +87,50 @@ def _farthest_points(x: torch.Tensor, starts: np.ndarray, m: int, progress: bool
     """The greedy loop; ``x`` (n, p) projected features, ``starts`` the anchor rows.
 
     On the CPU it runs in numpy with the reference sampler's arithmetic, operation for
-    operation, so it picks the same indices; on CUDA the same loop runs in torch.
+    operation, so it picks the same indices; elsewhere (CUDA) :func:`_farthest_points_torch`.
     """
-    xp = np if x.device.type == "cpu" else torch
-    x = x.numpy() if xp is np else x
-    norms = (np.einsum("ij,ij->i", x, x) if xp is np else (x * x).sum(1))[:, None]  # ||a||^2
+    if x.device.type != "cpu":
+        return _farthest_points_torch(x, starts, m, progress)
+    x = x.numpy()
+    norms = np.einsum("ij,ij->i", x, x)[:, None]  # ||a||^2
     # anchor distance: mean Euclidean distance to the starting points
     d2 = -2 * (x @ x[starts].T) + norms + norms[starts].T
-    running = xp.sqrt(xp.clip(d2, 0, None)).mean(-1).reshape(-1, 1)
-    column = xp.empty_like(running)
+    running = np.sqrt(np.clip(d2, 0, None)).mean(-1).reshape(-1, 1)
+    column = np.empty_like(running)
     picked = np.empty(m, np.int64)
     for t in tqdm(range(m), desc="coreset", unit="pt", disable=not progress, mininterval=0.5):
-        c = int(xp.argmax(running))
+        c = int(np.argmax(running))
         picked[t] = c
         # ||a - c|| = sqrt(max(0, -2 <a, c> + ||a||^2 + ||c||^2)), into a preallocated column
-        xp.matmul(x, x[c : c + 1].T, out=column)
+        np.matmul(x, x[c : c + 1].T, out=column)
         column *= -2
         column += norms
         column += norms[c]
-        xp.clip(column, 0, None, out=column)
-        xp.sqrt(column, out=column)
-        xp.minimum(running, column, out=running)
+        np.clip(column, 0, None, out=column)
+        np.sqrt(column, out=column)
+        np.minimum(running, column, out=running)
     return picked
+
+
+def _farthest_points_torch(
+    x: torch.Tensor, starts: np.ndarray, m: int, progress: bool
+) -> np.ndarray:
+    """The same loop in torch, for a GPU: the pick ``c`` stays a device tensor that indexes
+    the next column, so no iteration waits for the host (one copy of the picks at the end);
+    the kernels queue ahead while the GPU reads ``x`` once per pick."""
+    norms = (x * x).sum(1, keepdim=True)  # ||a||^2, (n, 1)
+    rows = torch.from_numpy(starts).to(x.device)
+    d2 = -2 * (x @ x[rows].T) + norms + norms[rows].T
+    running = d2.clamp_min(0).sqrt().mean(-1, keepdim=True)
+    column = torch.empty_like(running)
+    picked = torch.empty(m, dtype=torch.int64, device=x.device)
+    for t in tqdm(range(m), desc="coreset", unit="pt", disable=not progress, mininterval=0.5):
+        c = running.argmax().view(1)  # on the device: no synchronisation
+        picked[t] = c[0]
+        torch.matmul(x, x.index_select(0, c).T, out=column)
+        column.mul_(-2)
+        column.add_(norms)
+        column.add_(norms.index_select(0, c))
+        column.clamp_(min=0).sqrt_()
+        torch.minimum(running, column, out=running)
+    return picked.cpu().numpy()

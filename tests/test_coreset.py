@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from patchlab.coreset import N_STARTS, greedy_coreset, project
+from patchlab.coreset import N_STARTS, _farthest_points_torch, greedy_coreset, project
 
 
 def _benchmark(name: str):
@@ -18,7 +18,8 @@ def _benchmark(name: str):
     return module
 
 
-reference_greedy = _benchmark("reference_coreset").reference_greedy
+reference = _benchmark("reference_coreset")
+reference_greedy = reference.reference_greedy
 
 
 @pytest.fixture
@@ -33,6 +34,23 @@ def test_same_picks_as_the_reference_sampler(bank):
     projected = project(bank, seed=3).numpy()
     starts = np.random.default_rng(3).choice(3000, N_STARTS, replace=False)
     assert torch.equal(picked, torch.from_numpy(reference_greedy(projected, starts, 300)))
+
+
+def test_the_gpu_loop_picks_as_the_reference_torch_loop(bank):
+    """The loop CUDA runs (no host round trip per pick), here on CPU tensors: the same picks
+    as the reference sampler's torch loop (one ``.item()`` per pick) while no float32 near-tie
+    decides, and a coreset as good. tests/test_cuda.py runs it on a GPU."""
+    projected = project(bank, seed=3)
+    starts = np.random.default_rng(3).choice(3000, N_STARTS, replace=False)
+    ours = _farthest_points_torch(projected, starts, 300, progress=False)
+    ref = reference.reference_greedy_torch(projected, starts, 300)
+    assert len(np.unique(ours)) == 300
+    assert np.array_equal(ours[:100], ref[:100])
+
+    def radius(rows):
+        return float(torch.cdist(projected, projected[torch.from_numpy(rows)]).min(1).values.max())
+
+    assert radius(ours) == pytest.approx(radius(ref), rel=0.02)
 
 
 def test_coreset_covers_the_bank(bank):
