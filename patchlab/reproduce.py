@@ -253,17 +253,21 @@ def combine(parts: list[str | Path], table: int, out: str | Path) -> Path:
 def _check_resume(path: Path, base: RunConfig) -> None:
     """Record the shared settings beside the CSV; refuse to resume a table made with others."""
     cell_fields = {"data", "category", "setting", "method", "k", "k_max", "coreset", "exclude"}
-    shared = {k: v for k, v in base.to_dict().items() if k not in cell_fields}
-    shared.pop("cache_dir")
-    for where in ("device", "backend", "scheduler"):  # results do not depend on where
-        shared.pop(where)  # they were computed
+    # where the cells run changes no result: a table resumes on another device or cluster
+    where = {"cache_dir", "device", "backend", "scheduler"}
+    shared = {k: v for k, v in base.to_dict().items() if k not in cell_fields | where}
     if path.is_file():
-        before = json.loads(path.read_text())
+        before = {k: v for k, v in json.loads(path.read_text()).items() if k not in where}
         if before != shared:
-            diff = {k: (before.get(k), v) for k, v in shared.items() if before.get(k) != v}
+            missing = "(not recorded)"
+            diff = {
+                k: (before.get(k, missing), shared.get(k, missing))
+                for k in sorted(before.keys() | shared.keys())
+                if before.get(k, missing) != shared.get(k, missing)
+            }
             raise ValueError(
-                f"{path.parent} holds a table computed with other settings {diff}; "
-                "use another --out folder or delete it"
+                f"{path.parent} holds a table computed with other settings {diff} "
+                "(before, now); use another --out folder or delete it"
             )
     path.write_text(json.dumps(shared, indent=1) + "\n")
 

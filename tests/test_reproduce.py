@@ -101,7 +101,10 @@ def test_combine_joins_settings_run_apart(tiny_demo, tmp_path):
 
 def test_where_a_table_is_computed_is_not_a_setting(tmp_path):
     """Device, kNN backend and Dask scheduler change where cells run, not their results: a
-    table resumes across them (a GPU session finishing a CPU table), and its .json omits them."""
+    table resumes across them (a GPU session finishing a CPU table), also from a .json that
+    recorded the scheduler (written before it stopped being a setting), and its .json omits
+    them."""
+    import json
     from dataclasses import replace
 
     from patchlab.config import RunConfig
@@ -111,6 +114,12 @@ def test_where_a_table_is_computed_is_not_a_setting(tmp_path):
     rep._check_resume(path, base)
     elsewhere = replace(base, device="cuda", backend="keops", scheduler="tcp://127.0.0.1:8786")
     rep._check_resume(path, elsewhere)
-    assert not {"device", "backend", "scheduler", "cache_dir"} & set(path.read_text().split('"'))
-    with pytest.raises(ValueError, match="precision"):
+    written = json.loads(path.read_text())
+    assert not {"device", "backend", "scheduler", "cache_dir"} & written.keys()
+    path.write_text(json.dumps({**written, "scheduler": None, "device": "cpu"}))  # older .json
+    rep._check_resume(path, base)
+    with pytest.raises(ValueError, match=r"'precision': \('auto', 'bf16'\)"):
         rep._check_resume(path, replace(base, precision="bf16"))
+    path.write_text(json.dumps({k: v for k, v in written.items() if k != "pool"}))
+    with pytest.raises(ValueError, match=r"'pool'"):  # a setting missing from the .json
+        rep._check_resume(path, base)
