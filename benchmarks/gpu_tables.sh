@@ -11,7 +11,8 @@
 #   wheel without its classifier (_fc, 5 MB, used only for ImageNet logits, never for patch or
 #   global features), xz-compressed to fit the 64 MiB transfer, and a stand-in module of the
 #   wheel's name that points patchlab at the state dict rebuilt here (classifier zero-filled).
-# Run with carry ["shared_link/data/magnetic_tile", ".devw"]. Every table lands in
+# `python benchmarks/gpu_carry.py` builds both (here, once). Run with carry
+# ["shared_link/data/magnetic_tile", ".devw"]. Every table lands in
 # $OUT/results.tgz, refreshed every 15 s, so a timeout still returns the finished cells.
 # Per-setting CSVs are joined afterwards with patchlab.reproduce.combine (docs/results.md).
 set -u
@@ -21,8 +22,13 @@ END=$((START + BUDGET))
 left() { echo $((END - $(date +%s))); }
 RES=/tmp/res
 mkdir -p "$RES"
-(while true; do tar czf "$OUT/results.tgz" -C "$RES" . 2>/dev/null; sleep 15; done) &
+pack() { # $1: a name of its own for the partial archive, renamed into place when complete
+    tar czf "$OUT/.results-$1.tgz" -C "$RES" . 2>/dev/null && mv "$OUT/.results-$1.tgz" "$OUT/results.tgz"
+}
+(while true; do pack loop; sleep 15; done) &
 TAR=$!
+# on any exit (an early failure too): stop the loop and its tar, then one last archive
+trap 'pkill -P $TAR; kill $TAR; wait $TAR 2>/dev/null; pack final; rm -f "$OUT"/.results-*.tgz' EXIT
 log() { echo "[$(($(date +%s) - START)) s] $*" | tee -a "$RES/session.log"; }
 export PYTHONPATH=$PWD/.devw/shim:$PWD PATCHLAB_CACHE=/tmp/plcache PYTHONUNBUFFERED=1
 {
@@ -45,6 +51,7 @@ log "start"
 DATA=${DATA:-shared_link/data} CATEGORY=${CATEGORY:-magnetic_tile} DEVICE=${DEVICE:-cuda}
 for s in ${SETTINGS:-mix}; do
     for t in ${TABLES:-2 7}; do
+        [ "$(left)" -gt 0 ] || break  # (timeout 0 would mean no limit at all)
         timeout "$(left)" python3 -m patchlab.cli reproduce "$DATA" --categories "$CATEGORY" \
             --backbone efficientnet_lite0 --table "$t" --settings "$s" --device "$DEVICE" \
             --out "$RES/mt_$s" >"$RES/mt_t${t}_$s.log" 2>&1
@@ -57,5 +64,3 @@ if [ "$(left)" -gt 60 ]; then
     log "cuda tests rc=$?"
 fi
 log "done"
-kill $TAR 2>/dev/null
-tar czf "$OUT/results.tgz" -C "$RES" .
