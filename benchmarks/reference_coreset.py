@@ -8,6 +8,7 @@ Used by tests/test_coreset.py and benchmarks/coreset.py as the independent compu
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 
 def batchwise_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -30,11 +31,21 @@ def reference_greedy(projected: np.ndarray, starts: np.ndarray, m: int) -> np.nd
     return np.array(picked)
 
 
-def reference_greedy_torch(projected, starts, m: int):
+def reference_greedy_torch(projected: torch.Tensor, starts: np.ndarray, m: int) -> np.ndarray:
     """The same loop in torch on the tensor's device, as patchcore-inspection runs it there:
     ``torch.argmax(...).item()`` per pick (a host round trip), norms recomputed, the anchor
-    column concatenated and reduced with a min."""
-    import torch
+    column concatenated and reduced with a min.
+
+    Parameters
+    ----------
+    projected : torch.Tensor, shape (n, p), float32, on any device
+    starts : numpy.ndarray of int, the anchor rows
+    m : int, number of picks
+
+    Returns
+    -------
+    numpy.ndarray, shape (m,), int64: the picked rows in order
+    """
 
     def distances(a, b):
         a_times_a = a.unsqueeze(1).bmm(a.unsqueeze(2)).reshape(-1, 1)

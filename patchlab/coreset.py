@@ -12,7 +12,8 @@ points, farthest-point iterations pick the patch farthest from everything picked
 This is exactly the loop of patchcore-inspection's ``ApproximateGreedyCoresetSampler``. Each
 iteration needs one distance column, computed with precomputed norms,
 ||a - c||^2 = ||a||^2 + ||c||^2 - 2 <a, c>, written into preallocated buffers: no N x N matrix,
-no allocation inside the loop.
+no allocation of the bank's size inside the loop (on a GPU only the picked row is copied, and
+the pick never travels to the host until the end).
 """
 
 from __future__ import annotations
