@@ -1,4 +1,5 @@
-"""The README's magnetic-tile tables are the CSVs in docs/results/magnetic_tile, rounded.
+"""The magnetic-tile tables of README.md and docs/results.md are the CSVs in
+docs/results/magnetic_tile, rounded.
 
 The figures were computed once (docs/results.md says how); this guards the copy, not the
 computation: a README edited by hand, or tables recomputed without the README, fail here.
@@ -57,3 +58,17 @@ def test_readme_magnetic_tile_tables_are_the_csvs(setting):
         cell = csv_cell(table, setting.lower(), row)
         expected = [f"{float(cell[m]):.3f}" for m in ("image_auroc", "pixel_auroc", "pro")]
         assert shown == expected, f"README {setting} row {label!r}: {shown} != CSV {expected}"
+
+
+def test_results_md_mix_table_is_table2():
+    lines = (ROOT / "docs" / "results.md").read_text().splitlines()
+    start = lines.index("| row | Mix I-AUROC | Mix P-AUROC | Mix PRO |")
+    rows = 0
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        label, *shown = [re.sub(r"\*", "", c.strip()) for c in line.strip("|").split("|")]
+        cell = csv_cell(2, "mix", label)
+        assert shown == [f"{float(cell[m]):.3f}" for m in ("image_auroc", "pixel_auroc", "pro")]
+        rows += 1
+    assert rows == 8  # every method of table 2
