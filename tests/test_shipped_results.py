@@ -29,16 +29,16 @@ LABELS = {
 }
 
 
-def readme_table(setting: str) -> dict[str, list[str]]:
-    """Rows of the README table headed ``| method (<setting> setting) |``."""
-    lines = (ROOT / "README.md").read_text().splitlines()
-    start = lines.index(f"| method ({setting} setting) | image AUROC | pixel AUROC | PRO |")
+def table_rows(doc: Path, header: str) -> dict[str, list[str]]:
+    """Rows (label -> cells, bold marks removed) of the markdown table of ``doc`` whose header
+    line is ``header``."""
+    lines = doc.read_text().splitlines()
     rows = {}
-    for line in lines[start + 2 :]:
+    for line in lines[lines.index(header) + 2 :]:
         if not line.startswith("|"):
             break
-        cells = [c.strip() for c in line.strip("|").split("|")]
-        rows[cells[0]] = [re.sub(r"\*", "", c) for c in cells[1:]]
+        label, *cells = [re.sub(r"\*", "", c.strip()) for c in line.strip("|").split("|")]
+        rows[label] = cells
     return rows
 
 
@@ -51,7 +51,8 @@ def csv_cell(table: int, setting: str, row: str) -> dict[str, str]:
 
 @pytest.mark.parametrize("setting", ["Test", "Mix"])
 def test_readme_magnetic_tile_tables_are_the_csvs(setting):
-    rows = readme_table(setting)
+    header = f"| method ({setting} setting) | image AUROC | pixel AUROC | PRO |"
+    rows = table_rows(ROOT / "README.md", header)
     assert len(rows) >= 6
     for label, shown in rows.items():
         table, row = LABELS[label]
@@ -61,14 +62,9 @@ def test_readme_magnetic_tile_tables_are_the_csvs(setting):
 
 
 def test_results_md_mix_table_is_table2():
-    lines = (ROOT / "docs" / "results.md").read_text().splitlines()
-    start = lines.index("| row | Mix I-AUROC | Mix P-AUROC | Mix PRO |")
-    rows = 0
-    for line in lines[start + 2 :]:
-        if not line.startswith("|"):
-            break
-        label, *shown = [re.sub(r"\*", "", c.strip()) for c in line.strip("|").split("|")]
+    header = "| row | Mix I-AUROC | Mix P-AUROC | Mix PRO |"
+    rows = table_rows(ROOT / "docs" / "results.md", header)
+    assert len(rows) == 8  # every method of table 2
+    for label, shown in rows.items():
         cell = csv_cell(2, "mix", label)
         assert shown == [f"{float(cell[m]):.3f}" for m in ("image_auroc", "pixel_auroc", "pro")]
-        rows += 1
-    assert rows == 8  # every method of table 2
