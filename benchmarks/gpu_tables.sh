@@ -11,7 +11,7 @@
 #   wheel without its classifier (_fc, 5 MB, used only for ImageNet logits, never for patch or
 #   global features), xz-compressed to fit the 64 MiB transfer, and a stand-in module of the
 #   wheel's name that points patchlab at the state dict rebuilt here (classifier zero-filled).
-# `python benchmarks/gpu_carry.py` builds both (here, once). Run with carry
+# `python benchmarks/gpu_carry.py` builds both (here, once; `--rebuild` there). Run with carry
 # ["shared_link/data/magnetic_tile", ".devw"]. Every table lands in
 # $OUT/results.tgz, refreshed every 15 s, so a timeout still returns the finished cells.
 # Per-setting CSVs are joined afterwards with patchlab.reproduce.combine (docs/results.md).
@@ -36,17 +36,8 @@ export PYTHONPATH=$PWD/.devw/shim:$PWD PATCHLAB_CACHE=/tmp/plcache PYTHONUNBUFFE
     nproc
     python3 -c "import torch, numpy; print(torch.__version__, numpy.__version__, torch.cuda.get_device_name())"
 } >"$RES/gpu.txt" 2>&1
-python3 - <<'EOF' >>"$RES/session.log" 2>&1 || { log "weights rebuild failed"; exit 1; }
-import io, lzma, os, torch
-state = torch.load(io.BytesIO(lzma.decompress(open(".devw/lite0_no_fc.pth.xz", "rb").read())),
-                   map_location="cpu", weights_only=True)
-state["_fc.weight"], state["_fc.bias"] = torch.zeros(1000, 1280), torch.zeros(1000)
-os.makedirs("/tmp/lite0", exist_ok=True)
-torch.save(state, "/tmp/lite0/efficientnet-lite0-57934424.pth")
-from patchlab.backbones import build_backbone
-build_backbone("efficientnet_lite0", "imagenet")  # strict load: every block's tensor present
-print("lite0 weights rebuilt:", len(state), "tensors")
-EOF
+python3 benchmarks/gpu_carry.py --rebuild >>"$RES/session.log" 2>&1 ||
+    { log "weights rebuild failed"; exit 1; }
 log "start"
 DATA=${DATA:-shared_link/data} CATEGORY=${CATEGORY:-magnetic_tile} DEVICE=${DEVICE:-cuda}
 for s in ${SETTINGS:-mix}; do
