@@ -10,24 +10,11 @@
 # The magnetic tile data travels through a git-excluded link, shared_link -> ../shared, and
 # the pykeops sdists in .whl/: run with carry ["shared_link/data/magnetic_tile", ".whl"].
 # Per-setting CSVs are joined afterwards with patchlab.reproduce.combine (docs/results.md).
-set -u
-START=$(date +%s)
 BUDGET=${BUDGET:-510}
-END=$((START + BUDGET))
-left() { echo $((END - $(date +%s))); }
-RES=/tmp/res
-mkdir -p "$RES"
-(while true; do tar czf "$OUT/results.tgz" -C "$RES" . 2>/dev/null; sleep 15; done) &
-TAR=$!
-log() { echo "[$(($(date +%s) - START)) s] $*" | tee -a "$RES/session.log"; }
+. "$(dirname "$0")/device_session.sh"  # left, log, $RES archived to $OUT/results.tgz
 python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site .whl/* \
     >"$RES/pip.log" 2>&1
 export PYTHONPATH=/tmp/site:$PWD PATCHLAB_CACHE=/tmp/plcache PYTHONUNBUFFERED=1
-{
-    nvidia-smi -L
-    nproc
-    python3 -c "import torch, numpy; print(torch.__version__, numpy.__version__, torch.cuda.get_device_name())"
-} >"$RES/gpu.txt" 2>&1
 log "start"
 DATA=${DATA:-shared_link/data} CATEGORY=${CATEGORY:-magnetic_tile} DEVICE=${DEVICE:-cuda}
 rep() { # table setting
@@ -77,6 +64,4 @@ bench 90 --sizes 50000x1024x100 --backends torch torch-tf32 torch-bf16
 bench 100 --sizes 300000x1024x100 --backends torch torch-tf32
 bench 90 --sizes 50000x64x10 50000x1024x100 --backends torch keops --keops-limit 30
 log "done"
-kill $TAR 2>/dev/null
 pkill -f patchlab.cli 2>/dev/null
-tar czf "$OUT/results.tgz" -C "$RES" .

@@ -15,27 +15,9 @@
 # ["shared_link/data/magnetic_tile", ".devw"]. Every table lands in
 # $OUT/results.tgz, refreshed every 15 s, so a timeout still returns the finished cells.
 # Per-setting CSVs are joined afterwards with patchlab.reproduce.combine (docs/results.md).
-set -u
-START=$(date +%s)
 BUDGET=${BUDGET:-480}
-END=$((START + BUDGET))
-left() { echo $((END - $(date +%s))); }
-RES=/tmp/res
-mkdir -p "$RES"
-pack() { # $1: a name of its own for the partial archive, renamed into place when complete
-    tar czf "$OUT/.results-$1.tgz" -C "$RES" . 2>/dev/null && mv "$OUT/.results-$1.tgz" "$OUT/results.tgz"
-}
-(while true; do pack loop; sleep 15; done) &
-TAR=$!
-# on any exit (an early failure too): stop the loop and its tar, then one last archive
-trap 'pkill -P $TAR; kill $TAR; wait $TAR 2>/dev/null; pack final; rm -f "$OUT"/.results-*.tgz' EXIT
-log() { echo "[$(($(date +%s) - START)) s] $*" | tee -a "$RES/session.log"; }
+. "$(dirname "$0")/device_session.sh"  # left, log, $RES archived to $OUT/results.tgz
 export PYTHONPATH=$PWD/.devw/shim:$PWD PATCHLAB_CACHE=/tmp/plcache PYTHONUNBUFFERED=1
-{
-    nvidia-smi -L
-    nproc
-    python3 -c "import torch, numpy; print(torch.__version__, numpy.__version__, torch.cuda.get_device_name())"
-} >"$RES/gpu.txt" 2>&1
 python3 benchmarks/gpu_carry.py --rebuild >>"$RES/session.log" 2>&1 ||
     { log "weights rebuild failed"; exit 1; }
 log "start"
