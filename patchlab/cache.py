@@ -63,12 +63,20 @@ def cache_key(record: dict) -> str:
 
 
 def feature_key(
-    paths, *, backbone: str, weights: str | Path, seed: int, resize: int, crop: int | None
+    paths,
+    *,
+    backbone: str,
+    weights: str | Path,
+    seed: int,
+    resize: int,
+    crop: int | None,
+    local: int = 3,
 ) -> str:
     """Hash of everything that changes the features of the images at ``paths``: the files
     (path and a hash of their bytes, so an edit that keeps the size and modification time is
     seen), the backbone (name, taps, width, input normalisation, weights) and the
-    preprocessing."""
+    preprocessing, and the locally aware neighbourhood size ``local`` (recorded only when it is
+    not the default 3, so that the keys of default features stay what they were)."""
     files = [(str(Path(p).resolve()), file_digest(p)) for p in paths]
     spec = get_backbone(backbone)
     record = {
@@ -83,6 +91,8 @@ def feature_key(
         "crop": crop,
         "files": files,
     }
+    if local != 3:
+        record["local"] = local
     return cache_key(record)
 
 

@@ -38,8 +38,13 @@ def add_config_options(p: argparse.ArgumentParser, skip: tuple[str, ...] = (), *
         if f.type == "bool":
             p.add_argument(flag, action="store_true", help=help_)
             continue
-        kind = TYPES[f.type.split(" | ")[0]]
         choices = f.metadata["choices"]
+        if f.type.startswith("tuple["):  # e.g. --local-sizes 1 3 5 (none: the empty tuple)
+            shown = " ".join(map(str, default)) or "none"
+            help_ = f"{help_} (default {shown})"
+            p.add_argument(flag, type=int, nargs="*", default=default, help=help_)
+            continue
+        kind = TYPES[f.type.split(" | ")[0]]
         shown = "" if default is None else f" (default {default})"
         p.add_argument(flag, type=kind, default=default, choices=choices, help=help_ + shown)
     if "crop" not in skip:
@@ -49,6 +54,7 @@ def add_config_options(p: argparse.ArgumentParser, skip: tuple[str, ...] = (), *
 
 def _config(args: argparse.Namespace, **overrides) -> RunConfig:
     values = {f.name: getattr(args, f.name) for f in fields(RunConfig) if hasattr(args, f.name)}
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
     if getattr(args, "no_crop", False):
         values |= {"resize": 224, "crop": None}
     return RunConfig(**(values | overrides))

@@ -56,9 +56,21 @@ class RunConfig:
         Seed of the random weights, the coreset, PaDiM's channels and mutual scoring.
     resize, crop : int
         Resize side, then centre-crop side; ``crop=None`` resizes straight to 224 (no crop).
-    image_score : {"patchcore", "eq3", "max"}
+    image_score : {"patchcore", "eq3", "max", "top", "max_median"}
         Image score: the maximum re-weighted as PatchCore does (the function the paper says
-        Eq. 3 is), Eq. 3 as printed, or the plain maximum; see :func:`patchlab.maps.image_scores`.
+        Eq. 3 is), Eq. 3 as printed, the plain maximum, the mean of the top ``top_q`` of the
+        patch grid, or the maximum less the image's median; see
+        :func:`patchlab.maps.image_scores`.
+    top_q : float
+        Share of the patch grid that ``image_score="top"`` averages.
+    rscin : tuple of int
+        Windows of MuSc's RsCIN: each image score smoothed over the image and its k - 1 most
+        similar images by global feature, averaged over the windows k
+        (:func:`patchlab.maps.rscin`); empty: off.
+    local_sizes : tuple of int
+        Sides of the locally aware neighbourhood (odd; the paper's 3). Several sizes are
+        MuSc's LNAMD: every size is scored on its own and the patch scores averaged; the
+        first size's table gives the re-weighted image scores.
     b : int
         Neighbours of f* that re-weight the maximum (N_b(f*), f* included).
     sigma : float
@@ -104,7 +116,17 @@ class RunConfig:
     resize: int = option(256, "resize side, pixels")
     crop: int | None = option(224, "centre-crop side, pixels")
     image_score: str = option(
-        IMAGE_SCORES[0], "patchcore: PatchCore's re-weighting; eq3: as printed; max", IMAGE_SCORES
+        IMAGE_SCORES[0],
+        "patchcore: PatchCore's re-weighting; eq3: as printed; max; top: mean of top_q; "
+        "max_median: max less median",
+        IMAGE_SCORES,
+    )
+    top_q: float = option(0.01, "image score 'top': share of the patch grid averaged")
+    rscin: tuple[int, ...] = option(
+        (), "RsCIN: smooth image scores over the k most similar images, k in these windows"
+    )
+    local_sizes: tuple[int, ...] = option(
+        (3,), "locally aware neighbourhood sides; several = MuSc's LNAMD (1 3 5)"
     )
     b: int = option(9, "neighbours of f* that re-weight the image score")
     sigma: float = option(4.0, "Gaussian blur of the maps, pixels")
@@ -145,10 +167,27 @@ class RunConfig:
             raise ValueError(f"coreset ratio must lie in (0, 1], got {self.coreset}")
         if self.k_img < 1 or not 0 < self.mutual_ratio <= 1:
             raise ValueError("k_img must be >= 1 and mutual_ratio in (0, 1]")
+        self._check_sizes()
         if self.sigma < 0:
             raise ValueError(f"sigma must be >= 0, got {self.sigma}")
         if self.bank_setting is not None:
             self._check_one_class()
+
+    def _check_sizes(self) -> None:
+        for name in ("rscin", "local_sizes"):
+            value = getattr(self, name)
+            if not isinstance(value, tuple) or not all(
+                isinstance(v, int) and not isinstance(v, bool) for v in value
+            ):
+                raise ValueError(f"{name} must be a tuple of integers, got {value!r}")
+        if not self.local_sizes or any(r < 1 or r % 2 == 0 for r in self.local_sizes):
+            raise ValueError(f"local_sizes={self.local_sizes} must be odd sides >= 1, e.g. 1 3 5")
+        if len(set(self.local_sizes)) != len(self.local_sizes):
+            raise ValueError(f"local_sizes={self.local_sizes} repeats a size")
+        if any(k < 1 for k in self.rscin):
+            raise ValueError(f"rscin windows {self.rscin} must be >= 1")
+        if not 0 < self.top_q <= 1:
+            raise ValueError(f"top_q={self.top_q} must lie in (0, 1]")
 
     def _check_one_class(self) -> None:
         if self.exclude != "none":

@@ -134,6 +134,7 @@ def forward_on_cluster(
     crop: int | None,
     batch_size: int,
     device: str,
+    local: int = 3,
     progress: bool = True,
 ) -> torch.Tensor:
     """Features of ``paths`` (see :func:`patchlab.features.extract_features`), one task per
@@ -158,13 +159,14 @@ def forward_on_cluster(
         kind=kind,
         resize=resize,
         crop=crop,
+        local=local,
         pure=False,
     )
     parts = _gather(client, futures, f"{kind} features (dask)", "batch", progress)
     return torch.from_numpy(np.concatenate(parts))
 
 
-def _features_task(paths, *, forward, model, kind, resize, crop) -> np.ndarray:
+def _features_task(paths, *, forward, model, kind, resize, crop, local=3) -> np.ndarray:
     """On a worker: one batch's features, with the worker's own copy of the backbone."""
     from patchlab.backbones import build_backbone
     from patchlab.cache import resolve_device
@@ -172,7 +174,7 @@ def _features_task(paths, *, forward, model, kind, resize, crop) -> np.ndarray:
     if model not in _MODELS:
         backbone, weights, seed, device, _ = model
         _MODELS[model] = build_backbone(backbone, weights, seed).to(resolve_device(device))
-    return forward(paths, _MODELS[model], kind, resize, crop, len(paths), False).numpy()
+    return forward(paths, _MODELS[model], kind, resize, crop, len(paths), False, local).numpy()
 
 
 def knn_on_cluster(

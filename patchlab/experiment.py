@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -36,7 +36,14 @@ from patchlab.coreset import greedy_coreset
 from patchlab.data import ImageSet, load_folder, load_masks, load_mvtec
 from patchlab.features import extract_features
 from patchlab.knn import Neighbours, knn
-from patchlab.maps import anomaly_maps, image_scores, support_distances
+from patchlab.maps import (
+    IMAGE_SCORES,
+    NEEDS_SUPPORT,
+    anomaly_maps,
+    image_scores,
+    rscin,
+    support_distances,
+)
 from patchlab.methods import ScoringInputs, get_method, score_patches
 from patchlab.metrics import evaluate
 from patchlab.metrics import image_auroc as evaluate_images
@@ -85,13 +92,15 @@ def load_images(config: RunConfig, setting: str | None = None) -> ImageSet:
 
 
 def feature_options(config: RunConfig, progress: bool = False) -> dict:
-    """The keyword arguments of :func:`extract_features` that a config sets."""
+    """The keyword arguments of :func:`extract_features` that a config sets (the first of
+    its locally aware sizes)."""
     return dict(
         backbone=config.backbone,
         weights=config.weights,
         seed=config.seed,
         resize=config.resize,
         crop=config.crop,
+        local=config.local_sizes[0],
         batch_size=config.batch_size,
         device=config.device,
         cache_dir=config.cache_dir,
@@ -131,13 +140,21 @@ def prepare(
         bank_images = load_images(config, config.bank_setting)
         bank = extract_features(bank_images, **common).to(device)
     method = get_method(config.method)
-    glob = extract_features(images, kind="global", **common) if method.uses_global else None
+    wants_global = method.uses_global or bool(config.rscin)
+    glob = extract_features(images, kind="global", **common) if wants_global else None
     lap("features")
     table, bank_rows = None, None
     if method.uses_table:
         table, bank_rows = neighbour_table(images, features, config, progress, bank_images, bank)
         lap("neighbours")
-    return images, ScoringInputs(features, table, bank_rows, glob, bank), masks, seconds
+    others = tuple(
+        prepare(replace(config, local_sizes=(r,), rscin=()), progress)[1]
+        for r in config.local_sizes[1:]
+    )  # MuSc's LNAMD: the same set at the other neighbourhood sizes
+    if others:
+        lap("other sizes")
+    inputs = ScoringInputs(features, table, bank_rows, glob, bank, others)
+    return images, inputs, masks, seconds
 
 
 def run(config: RunConfig, progress: bool = True) -> Result:
@@ -176,10 +193,12 @@ def rescore(
     flat = score_patches(config.method, inputs, config.k, progress=progress, **options)
     patch = flat.reshape(n, h, w)
     maps = anomaly_maps(patch, config.crop or config.resize, config.sigma)
-    rule = config.image_score if inputs.neighbours is not None else "max"
-    by_rule = _image_scores_by_rule(patch, inputs, config.b)
+    rule = config.image_score
+    if rule in NEEDS_SUPPORT and inputs.neighbours is None:
+        rule = "max"
+    by_rule = image_scores_by_rule(patch, inputs, config)
     scores = by_rule[rule]
-    negative = int((scores < 0).sum())
+    negative = int((scores < 0).sum()) if rule in NEEDS_SUPPORT else 0
     if negative:
         warnings.warn(
             f"{negative} of {n} images got a negative image-score weight under "
@@ -206,14 +225,21 @@ def rescore(
     return Result(config, images, inputs, patch, maps, scores, masks, metrics)
 
 
-def _image_scores_by_rule(patch: torch.Tensor, inputs: ScoringInputs, b: int) -> dict:
+def image_scores_by_rule(patch: torch.Tensor, inputs: ScoringInputs, config: RunConfig) -> dict:
     """The image scores under every rule the inputs allow (the re-weighted ones need a
-    neighbour table), {rule: (n,) float64}."""
-    by_rule = {"max": image_scores(patch, "max")}
+    neighbour table), {rule: (n,) float64}; each smoothed by RsCIN when the config asks."""
+    support = None
     if inputs.neighbours is not None:
-        support = support_distances(patch, inputs, b)
-        for rule in ("patchcore", "eq3"):
-            by_rule[rule] = image_scores(patch, rule, support)
+        support = support_distances(patch, inputs, config.b)
+    by_rule = {
+        rule: image_scores(patch, rule, support, config.top_q)
+        for rule in IMAGE_SCORES
+        if support is not None or rule not in NEEDS_SUPPORT
+    }
+    if config.rscin:
+        if inputs.global_features is None:
+            raise ValueError("rscin needs the global features: prepare() with rscin set")
+        by_rule = {r: rscin(s, inputs.global_features, config.rscin) for r, s in by_rule.items()}
     return by_rule
 
 
@@ -258,6 +284,7 @@ def neighbour_table(
         seed=config.seed,
         resize=config.resize,
         crop=config.crop,
+        local=config.local_sizes[0],
     )
     key = feature_key(images.paths, **options)
     bank_key = None if bank is None else feature_key(bank_images.paths, **options)

@@ -5,7 +5,8 @@ For an input of S x S pixels (S = 224), a backbone gives maps at strides 8 and 1
     efficientnet_lite0:  block 4: (40, 28, 28)     block 10: (112, 14, 14)
     wide_resnet50_2:     layer2:  (512, 28, 28)    layer3:   (1024, 14, 14)
 
-    locally aware:  f(h, w) <- mean of f over the 3 x 3 neighbourhood of (h, w)   (zero padded)
+    locally aware:  f(h, w) <- mean of f over the r x r neighbourhood of (h, w)   (zero padded;
+                    r = 3 as the paper, PatchCore; r = 1, 3, 5 together are MuSc's LNAMD)
     every coarser map upsampled bilinearly to the finest grid, all concatenated
     adaptive average pooling along channels down to the backbone's ``dim`` (wide_resnet50_2:
     1536 -> 1024, as PatchCore; efficientnet_lite0 keeps its 152)
@@ -27,8 +28,10 @@ from patchlab.cache import atomic_save, cache_folder, feature_key, read_entry, r
 from patchlab.data import ImageSet, preprocess, read_rgb
 
 
-def aggregate(taps: list[torch.Tensor], dim: int | None = None) -> torch.Tensor:
+def aggregate(taps: list[torch.Tensor], dim: int | None = None, local: int = 3) -> torch.Tensor:
     """Locally aware patch features from a backbone's tapped maps.
+
+        f_r(h, w) = (1 / r^2) * sum_{|dh|, |dw| <= (r - 1) / 2} f(h + dh, w + dw)   (zero padded)
 
     Parameters
     ----------
@@ -36,20 +39,23 @@ def aggregate(taps: list[torch.Tensor], dim: int | None = None) -> torch.Tensor:
     dim : int, optional
         Output width: the concatenated sum(c_j) channels are average pooled to ``dim`` (the
         paper's 1536 -> 1024); None keeps them all.
+    local : int, odd, >= 1
+        Side r of the neighbourhood averaged on each tap's own grid (3: the paper's; 1: none).
 
     Returns
     -------
     torch.Tensor, shape (b, h, w, dim or sum(c_j))
     """
     size = taps[0].shape[-2:]
-    local = []
+    maps = []
     for fmap in taps:
-        # f(h, w) <- (1/9) sum over the 3x3 neighbourhood (zero padded, as PatchCore's unfold)
-        fmap = F.avg_pool2d(fmap, 3, stride=1, padding=1)
+        # f(h, w) <- (1/r^2) sum over the r x r neighbourhood (zero padded, as PatchCore's unfold)
+        if local > 1:
+            fmap = F.avg_pool2d(fmap, local, stride=1, padding=local // 2)
         if fmap.shape[-2:] != size:
             fmap = F.interpolate(fmap, size=size, mode="bilinear", align_corners=False)
-        local.append(fmap)
-    stacked = torch.cat(local, 1).permute(0, 2, 3, 1)  # (b, h, w, sum c_j)
+        maps.append(fmap)
+    stacked = torch.cat(maps, 1).permute(0, 2, 3, 1)  # (b, h, w, sum c_j)
     b, h, w, c = stacked.shape
     if dim is None or dim == c:
         return stacked.contiguous()
@@ -66,6 +72,7 @@ def extract_features(
     seed: int = 0,
     resize: int = 256,
     crop: int | None = 224,
+    local: int = 3,
     batch_size: int = 16,
     device: str | torch.device = "auto",
     cache_dir: str | Path | None = None,
@@ -84,6 +91,8 @@ def extract_features(
     backbone : a key of :data:`patchlab.backbones.BACKBONES`
     weights, seed : see :func:`patchlab.backbones.build_backbone`.
     resize, crop : see :func:`patchlab.data.preprocess`.
+    local : int, odd
+        Side of the locally aware neighbourhood (:func:`aggregate`; patch features only).
     batch_size : int
         Images per forward pass.
     device : "auto", "cpu", "cuda", ...
@@ -101,9 +110,10 @@ def extract_features(
     """
     if kind not in ("patch", "global"):
         raise ValueError(f"kind={kind!r} is unknown; choose 'patch' or 'global'")
-    key = feature_key(
-        images.paths, backbone=backbone, weights=weights, seed=seed, resize=resize, crop=crop
-    )
+    if local < 1 or local % 2 == 0:
+        raise ValueError(f"local={local} must be an odd neighbourhood side >= 1 (1, 3, 5, ...)")
+    setting = dict(backbone=backbone, weights=weights, seed=seed, resize=resize, crop=crop)
+    key = feature_key(images.paths, **setting, local=local if kind == "patch" else 3)
     stem = "features" if kind == "patch" else "global"
     path = cache_folder(cache_dir) / f"{stem}-{key}.npy"
     spec = get_backbone(backbone)
@@ -118,7 +128,7 @@ def extract_features(
 
     if scheduler is None:
         model = build_backbone(backbone, weights, seed).to(resolve_device(device))
-        features = forward(images.paths, model, kind, resize, crop, batch_size, progress)
+        features = forward(images.paths, model, kind, resize, crop, batch_size, progress, local)
     else:
         from patchlab.distributed import connect, forward_on_cluster
 
@@ -127,12 +137,9 @@ def extract_features(
             forward,
             list(images.paths),
             kind=kind,
-            backbone=backbone,
-            weights=weights,
-            seed=seed,
-            resize=resize,
-            crop=crop,
+            **setting,
             batch_size=batch_size,
+            local=local,
             device=str(device),
             progress=progress,
         )
@@ -141,7 +148,14 @@ def extract_features(
 
 
 def forward(
-    paths, model, kind: str, resize: int, crop: int | None, batch_size: int, progress: bool
+    paths,
+    model,
+    kind: str,
+    resize: int,
+    crop: int | None,
+    batch_size: int,
+    progress: bool,
+    local: int = 3,
 ) -> torch.Tensor:
     """Patch (or global) features of the images at ``paths``, a batch at a time, on the
     model's device (no cache: :func:`extract_features` is the cached entry point)."""
@@ -162,7 +176,7 @@ def forward(
                 ).to(device)
                 taps = model.taps(x)
                 if kind == "patch":
-                    out.append(aggregate(taps, spec.dim).float().cpu())
+                    out.append(aggregate(taps, spec.dim, local).float().cpu())
                 else:
                     out.append(model.pooled(taps).float().cpu())
                 bar.update(len(batch))

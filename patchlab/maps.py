@@ -1,10 +1,14 @@
 """From patch scores to anomaly maps and image scores.
 
 patch grid (28 x 28) --bilinear--> 224 x 224 --Gaussian, sigma = 4--> anomaly map
-image score: the maximum, re-weighted as PatchCore does (the paper's Eq. 3), or plain
+image score: the maximum, re-weighted as PatchCore does (the paper's Eq. 3), or plain, or
+             the mean of the top q % of the grid, or the maximum less the image's median;
+             optionally smoothed over each image's most similar images (MuSc's RsCIN)
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
@@ -15,7 +19,8 @@ from patchlab.knn import knn
 from patchlab.methods import ScoringInputs
 
 # the first is the default: chosen by measurement (docs/results.md, "Image scores")
-IMAGE_SCORES = ("patchcore", "eq3", "max")
+IMAGE_SCORES = ("patchcore", "eq3", "max", "top", "max_median")
+NEEDS_SUPPORT = ("patchcore", "eq3")  # the rules that read the neighbour table
 
 
 def anomaly_maps(patch_scores: torch.Tensor, size: int = 224, sigma: float = 4.0) -> np.ndarray:
@@ -97,12 +102,16 @@ def support_distances(
 
 
 def image_scores(
-    patch_scores: torch.Tensor, mode: str = "patchcore", support: torch.Tensor | None = None
+    patch_scores: torch.Tensor,
+    mode: str = "patchcore",
+    support: torch.Tensor | None = None,
+    q: float = 0.01,
 ) -> np.ndarray:
     """One anomaly score per image.
 
-    With a_i* the maximal patch score of image i, f_i* that patch, f* its nearest bank feature
-    and D_m = dist(f_i*, m) for m in N_b(f*) (:func:`support_distances`, f* first):
+    With s_i(p) the patch scores of image i, a_i* = max_p s_i(p), f_i* that patch, f* its
+    nearest bank feature and D_m = dist(f_i*, m) for m in N_b(f*) (:func:`support_distances`,
+    f* first):
 
     ``"max"``:        a_i = a_i*
     ``"patchcore"``:  a_i = (1 - exp(D_f*) / sum_{m in N_b(f*)} exp(D_m)) * a_i*
@@ -112,25 +121,84 @@ def image_scores(
                       Eq. 3 as printed. For PatchCore a_i* = D_f* and the two agree; for
                       PatchCluster a_i* is a mean of K distances, the weight turns negative
                       once a_i* > log sum exp(D) and the ranking of those images inverts.
+    ``"top"``:        a_i = mean of the ceil(q * h * w) largest s_i(p)
+                      (AnomalyDINO's image score, q = 1 %): less sensitive to one noisy patch.
+    ``"max_median"``: a_i = a_i* - median_p s_i(p)
+                      the peak above the image's own level: an image whose every patch is
+                      far from the bank (lighting, a rare but normal variant) is not flagged.
 
     The ratios are computed as exp(x - logsumexp(D)), so large distances cannot overflow.
 
     Parameters
     ----------
     patch_scores : torch.Tensor, shape (n, h, w)
-    mode : {"patchcore", "eq3", "max"}
-    support : torch.Tensor, shape (n, b), float64; needed unless mode is "max"
+    mode : one of :data:`IMAGE_SCORES`
+    support : torch.Tensor, shape (n, b), float64; needed by "patchcore" and "eq3"
+    q : float in (0, 1]
+        Share of the patch grid averaged by "top".
 
     Returns
     -------
     np.ndarray, shape (n,), float64
     """
     check_image_score(mode)
-    a_star = patch_scores.reshape(patch_scores.shape[0], -1).double().amax(1).cpu()
+    grid = patch_scores.reshape(patch_scores.shape[0], -1).double().cpu()
+    a_star = grid.amax(1)
     if mode == "max":
         return a_star.numpy()
+    if mode == "top":
+        if not 0 < q <= 1:
+            raise ValueError(f"top_q={q} must lie in (0, 1]")
+        top = max(1, math.ceil(q * grid.shape[1]))
+        return grid.topk(top, dim=1).values.mean(1).numpy()
+    if mode == "max_median":
+        return (a_star - grid.median(1).values).numpy()
     if support is None:
         raise ValueError(f"image score {mode!r} needs support_distances(); use mode='max'")
     numerator = support[:, 0] if mode == "patchcore" else a_star
     weight = 1.0 - torch.exp(numerator - torch.logsumexp(support, 1))
     return (weight * a_star).numpy()
+
+
+def rscin(
+    scores: np.ndarray, global_features: torch.Tensor, windows: tuple[int, ...] = (2, 3)
+) -> np.ndarray:
+    """Image scores smoothed over each image's most similar images (after MuSc's RsCIN).
+
+    With g_i the global feature of image i, W_ij = max(0, cos(g_i, g_j)) and N_k(i) the image
+    i itself and its k - 1 most similar other images (the one kNN on the unit-normalised
+    g, which orders images as the cosine does):
+
+    s'_i = (1 / |windows|) sum_{k in windows} sum_{j in N_k(i)} W_ij s_j / sum_{j in N_k(i)} W_ij
+
+    Each s'_i is a convex combination of scores (W_ii = 1), so an affine change of the scores
+    (MuSc min-max normalises them first) changes s' the same way. A window of 1 leaves the
+    scores as they are. MuSc's own windows are 2 and 3 on MVTec AD.
+
+    Parameters
+    ----------
+    scores : np.ndarray, shape (n,)
+    global_features : torch.Tensor, shape (n, c)
+    windows : tuple of int, each in [1, n]
+
+    Returns
+    -------
+    np.ndarray, shape (n,), float64
+    """
+    n = len(scores)
+    if not windows or min(windows) < 1 or max(windows) > n:
+        raise ValueError(f"rscin windows {windows} must each lie in [1, n_images = {n}]")
+    if global_features.shape[0] != n:
+        raise ValueError(f"{global_features.shape[0]} global features for {n} image scores")
+    g = torch.nn.functional.normalize(global_features.double().cpu(), dim=1)
+    s = torch.as_tensor(scores, dtype=torch.float64)
+    out = torch.zeros(n, dtype=torch.float64)
+    widest = max(windows) - 1
+    others = knn(g, widest, exclude="self", progress=False).indices if widest else None
+    for k in windows:
+        members = torch.arange(n)[:, None]
+        if k > 1:
+            members = torch.cat([members, others[:, : k - 1]], 1)  # (n, k): i first
+        weight = (g[:, None] * g[members]).sum(2).clamp_min(0)  # W_ij, W_ii = 1
+        out += (weight * s[members]).sum(1) / weight.sum(1)
+    return (out / len(windows)).numpy()

@@ -8,6 +8,7 @@ features directly and reuse the one kNN of :mod:`patchlab.knn`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -35,6 +36,10 @@ class ScoringInputs:
         Patch features of the images the memory bank is drawn from, when they are not the set
         itself (one-class: train/good); ``bank_rows`` then index its patches. None in the
         blind settings, where the bank is the set's own patches.
+    others : tuple of ScoringInputs
+        The same images at the other locally aware neighbourhood sizes (MuSc's LNAMD,
+        ``RunConfig.local_sizes``): :func:`score_patches` averages the scores of every size.
+        Empty for one size.
     """
 
     features: torch.Tensor
@@ -42,6 +47,7 @@ class ScoringInputs:
     bank_rows: torch.Tensor | None = None
     global_features: torch.Tensor | None = None
     bank: torch.Tensor | None = None
+    others: tuple[ScoringInputs, ...] = ()
 
     def bank_features(self) -> torch.Tensor:
         """The memory bank, (m, d): the coreset rows of the bank's patches, or all of them."""
@@ -151,15 +157,19 @@ def _spade(inputs: ScoringInputs, k: int, k_img: int, progress: bool) -> torch.T
     return out.reshape(-1)
 
 
+MUTUAL_BLOCK = 2**23  # per-image minima held at once by mutual scoring (32 MB of float32)
+
+
 def mutual(
     inputs: ScoringInputs, k: int = 1, *, ratio: float = 0.3, progress: bool = False
 ) -> torch.Tensor:
-    """Mutual scoring (after MuSc): the mean of the lowest ``ratio`` of per-image minima.
+    """Mutual scoring (MuSc's MSM): the mean of the lowest ``ratio`` of per-image minima.
 
         m_j(f) = min_{g in image j} ||f - g||   for every other image j
         s(f)   = mean of the ceil(ratio * (n - 1)) smallest m_j(f)
 
-    K is ignored.
+    Streamed: the per-image minima of one block of query patches at a time, (block, n), so
+    memory stays bounded whatever the set's size (never the (N, n) table). K is ignored.
     """
     n, h, w, d = inputs.features.shape
     if n < 2:
@@ -167,11 +177,18 @@ def mutual(
     if not 0 < ratio <= 1:
         raise ValueError(f"mutual ratio must lie in (0, 1], got {ratio}")
     bank = inputs.features.reshape(n * h * w, d)
-    minima = nearest_per_group(bank, bank, h * w, progress=progress)  # (N, n)
-    own = torch.arange(n, device=bank.device).repeat_interleave(h * w)
-    minima[torch.arange(n * h * w, device=bank.device), own] = float("inf")  # own image
-    keep = max(1, int(-(-ratio * (n - 1) // 1)))
-    return minima.topk(keep, dim=1, largest=False).values.mean(1)
+    keep = max(1, math.ceil(ratio * (n - 1)))
+    images_per_block = max(1, (MUTUAL_BLOCK // n) // (h * w))
+    out = torch.empty(n * h * w, device=bank.device)
+    starts = range(0, n, images_per_block)
+    for i0 in tqdm(starts, desc="mutual scoring", unit="block", disable=not progress):
+        i1 = min(n, i0 + images_per_block)
+        rows = slice(i0 * h * w, i1 * h * w)
+        minima = nearest_per_group(bank[rows], bank, h * w, progress=False)  # (block, n)
+        own = torch.arange(i0, i1, device=bank.device).repeat_interleave(h * w)
+        minima[torch.arange(len(own), device=bank.device), own] = float("inf")
+        out[rows] = minima.topk(keep, dim=1, largest=False).values.mean(1)
+    return out
 
 
 def _check_k(table: Neighbours, k: int) -> None:
@@ -224,7 +241,10 @@ def score_patches(
 
     ``options`` are the method's own (:attr:`Method.options`, e.g. ``k_img`` for SPADE,
     ``ratio`` for mutual scoring); any other is an error. Methods run on the device of
-    ``inputs.features``.
+    ``inputs.features``. With features at several neighbourhood sizes r (``inputs.others``,
+    MuSc's LNAMD) each size is scored on its own and the scores are averaged:
+
+        s(f) = (1 / |R|) * sum_{r in R} s_r(f)
 
     Returns
     -------
@@ -239,4 +259,6 @@ def score_patches(
         )
     if entry.shows_progress:
         options["progress"] = progress
-    return entry.fn(inputs, k, **options).float().cpu()
+    sizes = (inputs, *inputs.others)
+    total = sum(entry.fn(x, k, **options).double().cpu() for x in sizes)
+    return (total / len(sizes)).float()

@@ -252,14 +252,15 @@ def combine(parts: list[str | Path], table: int, out: str | Path) -> Path:
 
 def _check_resume(path: Path, base: RunConfig) -> None:
     """Record the shared settings beside the CSV; refuse to resume a table made with others."""
+    missing = "(not recorded)"
     cell_fields = {"data", "category", "setting", "method", "k", "k_max", "coreset", "exclude"}
     # where the cells run changes no result: a table resumes on another device or cluster
     where = {"cache_dir", "device", "backend", "scheduler"}
     shared = {k: v for k, v in base.to_dict().items() if k not in cell_fields | where}
+    shared = json.loads(json.dumps(shared))  # as recorded: tuples become lists
     if path.is_file():
         before = {k: v for k, v in json.loads(path.read_text()).items() if k not in where}
         if before != shared:
-            missing = "(not recorded)"
             diff = {
                 k: (before.get(k, missing), shared.get(k, missing))
                 for k in sorted(before.keys() | shared.keys())

@@ -9,6 +9,7 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 from patchlab.cli import main
+from patchlab.maps import IMAGE_SCORES
 
 
 def test_run_writes_metrics_scores_and_maps(tiny_demo, tmp_path):
@@ -34,7 +35,7 @@ def test_run_writes_metrics_scores_and_maps(tiny_demo, tmp_path):
     assert set(metrics["seconds"]) >= {"features", "neighbours", "scores"}
     # the configured image score is reported beside every other rule and its negative weights
     by_score = metrics["image_auroc_by_score"]
-    assert set(by_score) == {"patchcore", "eq3", "max"} and metrics["negative_weights"] == 0
+    assert set(by_score) == set(IMAGE_SCORES) and metrics["negative_weights"] == 0
     assert metrics["image_auroc"] == by_score[metrics["image_score"]] == by_score["patchcore"]
     # the pretrained offline backbone by default, recorded with its feature width
     assert metrics["backbone"] == "efficientnet_lite0" and metrics["weights"] == "imagenet"
