@@ -143,7 +143,7 @@ def run_set(name: str, base: RunConfig, grid: list[Row], done: set, out) -> None
         configs = [row_config(base, r, n_images) for r in members]
         widest = max(c.k for c in configs)
         ladder = any(c.method == "patchcluster" and c.exclude == "self" for c in configs)
-        if ladder and members[0].size in ("224crop", "224"):
+        if ladder and members[0].size in ("224crop", "224") and configs[0].local_sizes == (3,):
             widest = max(widest, K_LADDER[-1])  # the K diagnostic reads the whole ladder
         t0 = time.perf_counter()
         first = replace(configs[0], k_max=widest, rscin=RSCIN)  # rscin: load global features

@@ -185,6 +185,11 @@ def rescore(
     interactive widget needs.
     """
     t0 = time.perf_counter()
+    if len(inputs.others) + 1 != len(config.local_sizes):
+        raise ValueError(
+            f"local_sizes={config.local_sizes} but the inputs were prepared with "
+            f"{len(inputs.others) + 1} neighbourhood size(s); prepare() with this config"
+        )
     n, h, w, _ = inputs.features.shape
     method = get_method(config.method)
     options = {name: getattr(config, key) for name, key in method.options.items()}

@@ -187,6 +187,8 @@ def test_a_run_with_lnamd_and_rscin(tiny_demo):
     plain = rescore(replace(config, rscin=()), images, inputs, masks)
     expect = rscin(plain.image_scores, inputs.global_features, (2, 3))
     np.testing.assert_allclose(result.image_scores, expect)
+    with pytest.raises(ValueError, match="prepared with 2 neighbourhood size"):
+        rescore(replace(config, local_sizes=(3,)), images, inputs, masks)
     # RsCIN needs the global features that prepare() loads for it
     bare = replace(inputs, global_features=None)
     with pytest.raises(ValueError, match="global features"):
