@@ -7,6 +7,7 @@ patchlab run DATA --category C     one run; writes metrics.json, image_scores.cs
 patchlab run FOLDER --unlabeled    rank a plain folder of images
 patchlab report RUN_DIR            report.html and overlay PNGs of a finished run
 patchlab reproduce DATA --table N  one of the paper's tables
+patchlab k-curve DATA --category C without labels: the stability of the scores over K
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dataclasses import fields
 from patchlab.config import RunConfig
 from patchlab.data import BLIND_SETTINGS
 from patchlab.demo import DEMO_CATEGORIES, demo_path, make_demo_data
+from patchlab.diagnostics import K_LADDER, STABLE
 from patchlab.reproduce import TABLES
 
 PER_CELL = ("category", "setting", "bank_setting", "unlabeled", "method", "k", "k_max")
@@ -108,6 +110,16 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--settings", nargs="+", default=list(BLIND_SETTINGS), choices=BLIND_SETTINGS)
     add_config_options(rep, skip=PER_CELL, backbone="wide_resnet50_2")  # the paper's
 
+    kc = sub.add_parser(
+        "k-curve",
+        help="without labels: how PatchCluster's scores settle as K grows, and a K to use",
+        epilog="example: patchlab k-curve data/mvtec_ad --category bottle",
+    )
+    kc.add_argument("data", help="MVTec AD layout folder, or an image folder with --unlabeled")
+    kc.add_argument("--ladder", type=int, nargs="+", default=list(K_LADDER), help="K values")
+    kc.add_argument("--threshold", type=float, default=STABLE, help="stable: Spearman >= this")
+    add_config_options(kc, skip=("method", "k", "k_max"))
+
     data = sub.add_parser(
         "demo-data",
         help="write the offline demo data set",
@@ -187,6 +199,27 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_k_curve(args: argparse.Namespace) -> int:
+    from patchlab.diagnostics import choose_k, k_stability
+    from patchlab.experiment import prepare
+
+    ladder = sorted(set(args.ladder))
+    config = _config(args, method="patchcluster", k=ladder[-1])
+    images, inputs, _, _ = prepare(config, progress=not args.quiet)
+    curve = k_stability(inputs.neighbours, len(images), tuple(ladder))
+    print(f"{images.name}: {len(images)} images; Spearman correlation of the scores at K and")
+    print("the next K (patch scores, image scores = max of each map): 1 = the ranking is unchanged")
+    print(f"{'K':>5} {'next':>5} {'patches':>8} {'images':>7}")
+    for c in curve:
+        print(f"{c['k']:>5} {c['next_k']:>5} {c['rho_patch']:>8.4f} {c['rho_image']:>7.4f}")
+    k = choose_k(curve, args.threshold)
+    print(
+        f"suggested K = {k}: the smallest K from which the image ranking stays stable "
+        f"(>= {args.threshold}); the largest K of the ladder when it never does"
+    )
+    return 0
+
+
 def cmd_demo_data(args: argparse.Namespace) -> int:
     out = make_demo_data(
         args.out, categories=args.categories, seed=args.seed, overwrite=args.overwrite
@@ -248,6 +281,7 @@ COMMANDS = {
     "demo": cmd_demo,
     "demo-data": cmd_demo_data,
     "reproduce": cmd_reproduce,
+    "k-curve": cmd_k_curve,
 }
 
 if __name__ == "__main__":

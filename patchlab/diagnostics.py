@@ -13,10 +13,11 @@ from scipy.stats import spearmanr
 
 from patchlab.knn import Neighbours
 
+K_LADDER = (1, 3, 5, 10, 25, 50, 100, 200)
+STABLE = 0.99  # a step is stable when the rankings correlate at least this much
 
-def k_stability(
-    table: Neighbours, n_images: int, ks: tuple[int, ...] = (1, 3, 5, 10, 25, 50, 100, 200)
-) -> list[dict]:
+
+def k_stability(table: Neighbours, n_images: int, ks: tuple[int, ...] = K_LADDER) -> list[dict]:
     """How much the PatchCluster scores change from each K to the next one in ``ks``.
 
     With s_K(f) = (1/K) sum_{m in N_K(f)} ||f - m|| (Eq. 2) and a_K(i) = max_p s_K(i, p):
@@ -62,7 +63,7 @@ def k_stability(
     return curve
 
 
-def choose_k(curve: list[dict], threshold: float = 0.99, key: str = "rho_image") -> int:
+def choose_k(curve: list[dict], threshold: float = STABLE, key: str = "rho_image") -> int:
     """The smallest K of the curve from which the scores stay stable.
 
     K is chosen as the first K whose correlation with every later step is at least

@@ -193,3 +193,15 @@ def test_a_run_with_lnamd_and_rscin(tiny_demo):
     bare = replace(inputs, global_features=None)
     with pytest.raises(ValueError, match="global features"):
         rescore(config, images, bare, masks)
+
+
+def test_k_curve_command_prints_the_curve_and_a_k(tiny_demo, capsys):
+    from patchlab.cli import main
+
+    args = ["k-curve", str(tiny_demo), "--category", "brick", "--weights", "none", "--quiet"]
+    assert main([*args, "--ladder", "1", "5", "20", "--threshold", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "    1     5" in out and "    5    20" in out
+    assert "suggested K = 1:" in out  # threshold 0: stable from the first step
+    assert main([*args, "--ladder", "1", "5", "20", "--threshold", "1.01"]) == 0
+    assert "suggested K = 20:" in capsys.readouterr().out  # never stable: the largest
