@@ -37,13 +37,12 @@ from pathlib import Path
 import numpy as np
 
 from patchlab.config import RunConfig
-from patchlab.diagnostics import k_stability
+from patchlab.diagnostics import K_LADDER, STABLE, choose_k, k_stability
 from patchlab.experiment import image_scores_by_rule, prepare, rescore
 from patchlab.maps import IMAGE_SCORES
 from patchlab.metrics import image_auroc
 
 SIZES = {"224crop": (256, 224), "224": (224, None), "320": (320, 320), "448": (448, 448)}
-K_LADDER = (1, 3, 5, 10, 25, 50, 100, 200)
 K_RELATIVE = (0.1, 0.25)  # K = round(share * n_images)
 RSCIN = (2, 3)  # MuSc's windows on MVTec AD
 PIPED = (
@@ -130,15 +129,18 @@ def preparation(config: RunConfig) -> tuple:
     return (config.resize, config.crop, config.local_sizes, config.exclude if table else None)
 
 
-def run_set(name: str, base: RunConfig, grid: list[Row], done: set, out) -> None:
-    """Every row of ``grid`` not yet ``done`` on one set, a preparation at a time."""
-    n_images = None
-    todo = [r for r in grid if (name, r.name) not in done]
+def run_set(name: str, base: RunConfig, grid: list[Row], done: dict, out) -> None:
+    """Every row of ``grid`` not yet ``done`` on one set, a preparation at a time.
+
+    ``done`` maps (set, row) to the settings its line recorded (None for lines written
+    before settings were recorded): a row whose settings changed since is run again."""
+    n_images = len(prepare_images(base)) if any(r.k_share for r in grid) else None
     groups: dict[tuple, list[Row]] = {}
-    for row in todo:
-        if row.k_share is not None and n_images is None:
-            n_images = len(prepare_images(base))
-        groups.setdefault(preparation(row_config(base, row, n_images)), []).append(row)
+    for row in grid:
+        config = row_config(base, row, n_images)
+        if (name, row.name) in done and done[(name, row.name)] in (None, settings(config)):
+            continue
+        groups.setdefault(preparation(config), []).append(row)
     for members in groups.values():
         configs = [row_config(base, r, n_images) for r in members]
         widest = max(c.k for c in configs)
@@ -161,6 +163,12 @@ def run_set(name: str, base: RunConfig, grid: list[Row], done: set, out) -> None
             out.write(json.dumps(record) + "\n")
             out.flush()
             print(line(record), flush=True)
+
+
+def settings(config: RunConfig) -> dict:
+    """What a line records of its config (as JSON gives it back; k_max is the table's width,
+    shared by the rows run together, and changes no result)."""
+    return json.loads(json.dumps({k: v for k, v in config.to_dict().items() if k != "k_max"}))
 
 
 def prepare_images(base: RunConfig):
@@ -191,6 +199,7 @@ def score_row(name, row, config, images, inputs, masks) -> dict:
         "image_auroc_by_rule": {r: image_auroc(labels, s) for r, s in by_rule.items()},
         "image_auroc_by_rule_rscin": {r: image_auroc(labels, s) for r, s in smoothed.items()},
         "seconds": seconds,
+        "config": settings(config),
     }
 
 
@@ -249,6 +258,7 @@ def report(records: list[dict]) -> str:
                 values = [h[key].get(rule) for h in have]
                 cells.append("—" if None in values else f"{np.mean(values):.3f}")
         text.append(f"| {name} | " + " | ".join(cells) + " |")
+    text += k_diagnostic(latest, sets)
     for s in sets:
         text.append(f"\n### {s}\n")
         text.append("| configuration | image AUROC | pixel AUROC | PRO | seconds |")
@@ -259,6 +269,41 @@ def report(records: list[dict]) -> str:
                 cells = [_mean([r], key) for key in ("image_auroc", "pixel_auroc", "pro")]
                 text.append(f"| {name} | " + " | ".join(cells) + f" | {r['seconds']:.0f} |")
     return "\n".join(text)
+
+
+def k_diagnostic(latest: dict, sets: list[str]) -> list[str]:
+    """How often the label-free K (patchlab.diagnostics.choose_k on each set's stability
+    curve) is the K the labels would pick, and what it costs against K = 25 and the best K."""
+    text = ["\n### the label-free K against the labels' K (224 crop, self exclusion)\n"]
+    text.append(
+        f"| set | K (images, {STABLE}) | K (patches, {STABLE}) | labels' best K "
+        "| mean of 3 metrics: chosen / K=25 / best |"
+    )
+    text.append("|---|---|---|---|---|")
+    hits, n_sets = 0, 0
+    for s in sets:
+        ladder = {}
+        for k in K_LADDER:
+            name = "patchcore @224crop" if k == 1 else f"patchcluster K={k} @224crop"
+            if (s, name) in latest:
+                ladder[k] = latest[(s, name)]
+        curve = next((r["k_stability"] for r in ladder.values() if "k_stability" in r), None)
+        if curve is None or len(ladder) < len(K_LADDER):
+            continue
+        score = {
+            k: np.mean([r[m] or 0 for m in ("image_auroc", "pixel_auroc", "pro")])
+            for k, r in ladder.items()
+        }
+        by_image, by_patch = choose_k(curve, key="rho_image"), choose_k(curve, key="rho_patch")
+        best = max(score, key=score.get)
+        n_sets += 1
+        hits += by_image == best
+        text.append(
+            f"| {s} | {by_image} | {by_patch} | {best} | "
+            f"{score[by_image]:.3f} / {score[25]:.3f} / {score[best]:.3f} |"
+        )
+    text.append(f"\nthe image-ranking rule picked the labels' K on {hits} of {n_sets} sets")
+    return text
 
 
 def _mean(have: list[dict], key: str) -> str:
@@ -303,7 +348,7 @@ def main() -> None:
             and r.size in args.sizes
             and (args.rows is None or r.name in args.rows)
         ]
-        done = {(r["set"], r["row"]) for r in records}
+        done = {(r["set"], r["row"]): r.get("config") for r in records}
         with args.results.open("a") as out:
             for name, base in data_sets(args.sets, args.data):
                 run_set(name, base, grid, done, out)

@@ -62,6 +62,19 @@ def _config(args: argparse.Namespace, **overrides) -> RunConfig:
     return RunConfig(**(values | overrides))
 
 
+def _add_k_curve(sub) -> None:
+    """The ``k-curve`` command's options: the K ladder, the threshold, and the run's own."""
+    kc = sub.add_parser(
+        "k-curve",
+        help="without labels: how PatchCluster's scores settle as K grows, and a K to use",
+        epilog="example: patchlab k-curve data/mvtec_ad --category bottle",
+    )
+    kc.add_argument("data", help="MVTec AD layout folder, or an image folder with --unlabeled")
+    kc.add_argument("--ladder", type=int, nargs="+", default=list(K_LADDER), help="K values")
+    kc.add_argument("--threshold", type=float, default=STABLE, help="stable: Spearman >= this")
+    add_config_options(kc, skip=("method", "k", "k_max"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="patchlab", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -110,15 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--settings", nargs="+", default=list(BLIND_SETTINGS), choices=BLIND_SETTINGS)
     add_config_options(rep, skip=PER_CELL, backbone="wide_resnet50_2")  # the paper's
 
-    kc = sub.add_parser(
-        "k-curve",
-        help="without labels: how PatchCluster's scores settle as K grows, and a K to use",
-        epilog="example: patchlab k-curve data/mvtec_ad --category bottle",
-    )
-    kc.add_argument("data", help="MVTec AD layout folder, or an image folder with --unlabeled")
-    kc.add_argument("--ladder", type=int, nargs="+", default=list(K_LADDER), help="K values")
-    kc.add_argument("--threshold", type=float, default=STABLE, help="stable: Spearman >= this")
-    add_config_options(kc, skip=("method", "k", "k_max"))
+    _add_k_curve(sub)
 
     data = sub.add_parser(
         "demo-data",
@@ -204,11 +209,15 @@ def cmd_k_curve(args: argparse.Namespace) -> int:
     from patchlab.experiment import prepare
 
     ladder = sorted(set(args.ladder))
-    config = _config(args, method="patchcluster", k=ladder[-1])
+    if len(ladder) < 2 or ladder[0] < 1:
+        raise ValueError(f"--ladder {' '.join(map(str, args.ladder))}: give two or more K >= 1")
+    # one size, no image re-scoring: the curve reads the neighbour table alone
+    single = dict(local_sizes=tuple(args.local_sizes[:1]), rscin=())
+    config = _config(args, method="patchcluster", k=ladder[-1], **single)
     images, inputs, _, _ = prepare(config, progress=not args.quiet)
     curve = k_stability(inputs.neighbours, len(images), tuple(ladder))
     print(f"{images.name}: {len(images)} images; Spearman correlation of the scores at K and")
-    print("the next K (patch scores, image scores = max of each map): 1 = the ranking is unchanged")
+    print("the next K (patch scores; image scores = the largest patch score): 1 = same ranking")
     print(f"{'K':>5} {'next':>5} {'patches':>8} {'images':>7}")
     for c in curve:
         print(f"{c['k']:>5} {c['next_k']:>5} {c['rho_patch']:>8.4f} {c['rho_image']:>7.4f}")

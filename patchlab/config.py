@@ -176,6 +176,9 @@ class RunConfig:
     def _check_sizes(self) -> None:
         for name in ("rscin", "local_sizes"):
             value = getattr(self, name)
+            if isinstance(value, list):  # as JSON gives it back: the same setting
+                value = tuple(value)
+                object.__setattr__(self, name, value)
             if not isinstance(value, tuple) or not all(
                 isinstance(v, int) and not isinstance(v, bool) for v in value
             ):

@@ -9,6 +9,7 @@ it. :func:`k_stability` measures that stability from the neighbour table alone, 
 from __future__ import annotations
 
 import numpy as np
+import torch
 from scipy.stats import spearmanr
 
 from patchlab.knn import Neighbours
@@ -25,13 +26,14 @@ def k_stability(table: Neighbours, n_images: int, ks: tuple[int, ...] = K_LADDER
         rho_patch(K) = Spearman(s_K, s_K')      over every patch, K' the next K in ``ks``
         rho_image(K) = Spearman(a_K, a_K')      over the images
 
-    The cumulative sums of the table's columns give every s_K in one pass.
+    A running sum over the table's columns gives every s_K in one pass (O(N) extra memory).
 
     Parameters
     ----------
     table : Neighbours
         The set's neighbour table, (n_images * h * w, k_max), k_max >= the largest K used.
     n_images : int
+        Images of the set: the table's rows are n_images grids of equal size.
     ks : tuple of int, increasing
         The K ladder; values above the table's width are dropped.
 
@@ -44,10 +46,12 @@ def k_stability(table: Neighbours, n_images: int, ks: tuple[int, ...] = K_LADDER
         raise ValueError(f"ks={ks} must hold at least two increasing K <= k_max={table.k}")
     if len(table) % n_images:
         raise ValueError(f"{len(table)} table rows are not {n_images} images of equal size")
-    cumulative = table.distances.double().cumsum(1)  # (N, k_max): sum of the first K columns
-    curve, previous = [], None
+    total = torch.zeros(len(table), dtype=torch.float64)  # running sum of the first K columns
+    curve, previous, done = [], None, 0
     for k in ks:
-        patch = (cumulative[:, k - 1] / k).numpy()
+        total += table.distances[:, done:k].double().sum(1)
+        done = k
+        patch = (total / k).numpy()
         image = patch.reshape(n_images, -1).max(1)
         if previous is not None:
             k0, patch0, image0 = previous
@@ -69,6 +73,19 @@ def choose_k(curve: list[dict], threshold: float = STABLE, key: str = "rho_image
     K is chosen as the first K whose correlation with every later step is at least
     ``threshold``; when no step is that stable, the largest K of the ladder (the scores are
     still moving: larger K is the paper's safer side).
+
+    Parameters
+    ----------
+    curve : list of dict
+        :func:`k_stability`'s output.
+    threshold : float
+        Spearman correlation from which a step counts as stable.
+    key : {"rho_image", "rho_patch"}
+        Whose stability: the image ranking (by the maximum of each patch grid) or every patch.
+
+    Returns
+    -------
+    int, a K of the ladder
     """
     if not curve:
         raise ValueError("the stability curve is empty; compute it with k_stability()")

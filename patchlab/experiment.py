@@ -14,28 +14,15 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import dataclass, field, replace
-from functools import partial
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from patchlab.cache import (
-    atomic_save,
-    cache_folder,
-    coreset_stem,
-    feature_key,
-    find_prefix,
-    neighbour_stem,
-    read_entry,
-    remove_orphans,
-    resolve_device,
-)
+from patchlab.bank import feature_settings, neighbour_table
+from patchlab.cache import cache_folder, remove_orphans, resolve_device
 from patchlab.config import RunConfig
-from patchlab.coreset import greedy_coreset
 from patchlab.data import ImageSet, load_folder, load_masks, load_mvtec
 from patchlab.features import extract_features
-from patchlab.knn import Neighbours, knn
 from patchlab.maps import (
     IMAGE_SCORES,
     NEEDS_SUPPORT,
@@ -65,9 +52,9 @@ class Result:
     masks : np.ndarray, shape (n, S, S), uint8
     metrics : dict
         image_auroc, pixel_auroc, pro (None where undefined), image_auroc_by_score (every
-        image-score rule, where a neighbour table exists), negative_weights, n_images,
-        n_patches, n_bank, image_score (the rule used), k_img (SPADE, the value used),
-        backbone, weights, feature_dim, seconds per stage.
+        image-score rule the inputs allow: patchcore and eq3 need a neighbour table),
+        negative_weights, n_images, n_patches, n_bank, image_score (the rule used), k_img
+        (SPADE, the value used), backbone, weights, feature_dim, seconds per stage.
     """
 
     config: RunConfig
@@ -95,12 +82,7 @@ def feature_options(config: RunConfig, progress: bool = False) -> dict:
     """The keyword arguments of :func:`extract_features` that a config sets (the first of
     its locally aware sizes)."""
     return dict(
-        backbone=config.backbone,
-        weights=config.weights,
-        seed=config.seed,
-        resize=config.resize,
-        crop=config.crop,
-        local=config.local_sizes[0],
+        **feature_settings(config),
         batch_size=config.batch_size,
         device=config.device,
         cache_dir=config.cache_dir,
@@ -116,7 +98,7 @@ def prepare(
 
     Returns
     -------
-    (images, inputs, masks, seconds): ``seconds`` per stage (load, features, neighbours).
+    (images, inputs, masks, seconds): ``seconds`` per stage (load, features and neighbours).
     """
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
@@ -131,30 +113,45 @@ def prepare(
     images = load_images(config)
     masks = load_masks(images, config.resize, config.crop)
     lap("load")
+    method = get_method(config.method)
+    glob = None
+    if method.uses_global or config.rscin:
+        glob = extract_features(images, kind="global", **feature_options(config, progress))
+    lap("features")
+    sizes = [size_inputs(images, config, r, progress, glob, seconds) for r in config.local_sizes]
+    # MuSc's LNAMD: the first size carries the others
+    return images, replace(sizes[0], others=tuple(sizes[1:])), masks, seconds
+
+
+def size_inputs(
+    images: ImageSet,
+    config: RunConfig,
+    local: int,
+    progress: bool = True,
+    glob: torch.Tensor | None = None,
+    seconds: dict | None = None,
+) -> ScoringInputs:
+    """The features of ``images`` at one locally aware neighbourhood size, and what the
+    config's method reads of them: the memory bank (another image set, one-class) and the
+    neighbour table with its coreset rows (:func:`patchlab.bank.neighbour_table`). The time
+    of each stage is added to ``seconds["features"]`` and ``seconds["neighbours"]``."""
+    seconds = {} if seconds is None else seconds
+    t0 = time.perf_counter()
+    config = replace(config, local_sizes=(local,))
     common = feature_options(config, progress)
-    device = resolve_device(config.device)
     # on CUDA the features stay there: every method then runs on the GPU
-    features = extract_features(images, **common).to(device)
+    features = extract_features(images, **common).to(resolve_device(config.device))
     bank_images, bank = None, None
     if config.bank_setting is not None:  # one-class: the bank is another image set
         bank_images = load_images(config, config.bank_setting)
-        bank = extract_features(bank_images, **common).to(device)
-    method = get_method(config.method)
-    wants_global = method.uses_global or bool(config.rscin)
-    glob = extract_features(images, kind="global", **common) if wants_global else None
-    lap("features")
+        bank = extract_features(bank_images, **common).to(features.device)
+    t1 = time.perf_counter()
     table, bank_rows = None, None
-    if method.uses_table:
+    if get_method(config.method).uses_table:
         table, bank_rows = neighbour_table(images, features, config, progress, bank_images, bank)
-        lap("neighbours")
-    others = tuple(
-        prepare(replace(config, local_sizes=(r,), rscin=()), progress)[1]
-        for r in config.local_sizes[1:]
-    )  # MuSc's LNAMD: the same set at the other neighbourhood sizes
-    if others:
-        lap("other sizes")
-    inputs = ScoringInputs(features, table, bank_rows, glob, bank, others)
-    return images, inputs, masks, seconds
+    for stage, value in (("features", t1 - t0), ("neighbours", time.perf_counter() - t1)):
+        seconds[stage] = round(seconds.get(stage, 0.0) + value, 3)
+    return ScoringInputs(features, table, bank_rows, glob, bank, local=local)
 
 
 def run(config: RunConfig, progress: bool = True) -> Result:
@@ -185,10 +182,11 @@ def rescore(
     interactive widget needs.
     """
     t0 = time.perf_counter()
-    if len(inputs.others) + 1 != len(config.local_sizes):
+    prepared = (inputs.local, *(x.local for x in inputs.others))
+    if prepared != config.local_sizes:
         raise ValueError(
-            f"local_sizes={config.local_sizes} but the inputs were prepared with "
-            f"{len(inputs.others) + 1} neighbourhood size(s); prepare() with this config"
+            f"local_sizes={config.local_sizes} but the inputs were prepared with sizes "
+            f"{prepared}; prepare() with this config"
         )
     n, h, w, _ = inputs.features.shape
     method = get_method(config.method)
@@ -258,140 +256,8 @@ def _metrics(images, masks, maps, by_rule, rule, pixel_metrics) -> dict:
         metrics = evaluate(images.labels, by_rule[rule], masks, maps)
     else:
         metrics["image_auroc"] = evaluate_images(images.labels, by_rule[rule])
-    if len(by_rule) > 1:
+    if len(by_rule) > 1:  # every rule the inputs allow (the re-weighted ones need a table)
         metrics["image_auroc_by_score"] = {
             name: evaluate_images(images.labels, s) for name, s in by_rule.items()
         }
     return metrics
-
-
-def neighbour_table(
-    images: ImageSet,
-    features: torch.Tensor,
-    config: RunConfig,
-    progress: bool = True,
-    bank_images: ImageSet | None = None,
-    bank: torch.Tensor | None = None,
-) -> tuple[Neighbours, torch.Tensor | None]:
-    """The (n_patches, k_max) table of every patch against the memory bank, cached.
-
-    The memory bank is every patch of the set (blind), or of ``bank`` (the features of
-    ``bank_images``, one-class), or a greedy coreset of those (``config.coreset < 1``). A
-    cached table computed for a larger k_max is sliced rather than recomputed.
-
-    Returns
-    -------
-    (table, bank_rows): ``bank_rows`` (m,) int64 are the coreset's patch indices, or None.
-    """
-    options = dict(
-        backbone=config.backbone,
-        weights=config.weights,
-        seed=config.seed,
-        resize=config.resize,
-        crop=config.crop,
-        local=config.local_sizes[0],
-    )
-    key = feature_key(images.paths, **options)
-    bank_key = None if bank is None else feature_key(bank_images.paths, **options)
-    source = features if bank is None else bank
-    pool = source.reshape(-1, source.shape[-1])
-    bank_rows = None
-    if config.coreset < 1:
-        bank_rows = coreset_rows(pool, bank_key or key, config, progress)
-    folder, need = cache_folder(config.cache_dir), config.table_k
-    stem = neighbour_stem(key, config.exclude, bank_rows, bank_key)
-    n_rows = features[..., 0].numel()
-    n_bank = len(pool) if bank_rows is None else len(bank_rows)
-    _check_bank_size(config, n_bank)
-
-    def load(path: Path) -> tuple[np.ndarray, np.ndarray]:
-        with np.load(path) as z:
-            return z["distances"][:, :need], z["indices"][:, :need]
-
-    def complete(table) -> bool:
-        d, i = table
-        return d.shape == i.shape == (n_rows, need) and int(i.max(initial=0)) < n_bank
-        # (a broken file raises while loading; read_entry removes it either way)
-
-    while (cached := find_prefix(folder, stem, "k", need)) is not None:
-        table = read_entry(cached, load, complete)
-        if table is not None:
-            distances = torch.from_numpy(np.ascontiguousarray(table[0]))
-            indices = torch.from_numpy(table[1].astype(np.int64))
-            return Neighbours(distances, indices, config.exclude), bank_rows
-    table = _search(features, pool, bank_rows, config, progress, blind=bank is None)
-    atomic_save(
-        folder / f"{stem}-k{need}.npz",
-        distances=table.distances.numpy(),
-        indices=table.indices.numpy().astype(np.int32),
-    )
-    return table, bank_rows
-
-
-def _check_bank_size(config: RunConfig, n_bank: int) -> None:
-    """A clear error when a coreset leaves too few patches for the table (the kNN's own error
-    would not name the coreset)."""
-    if config.coreset == 1 or n_bank > config.table_k:
-        return
-    raise ValueError(
-        f"--coreset {config.coreset} keeps {n_bank} patch features, too few for a neighbour "
-        f"table of k_max={config.table_k} (plus the excluded ones); raise --coreset or lower "
-        "--k / --k-max"
-    )
-
-
-def _search(features, pool, bank_rows, config, progress, blind) -> Neighbours:
-    """The kNN of every patch of ``features`` against ``pool`` (or its ``bank_rows``)."""
-    n, h, w, d = features.shape
-    queries = features.reshape(n * h * w, d)
-    groups = torch.arange(n).repeat_interleave(h * w)
-    kw: dict = dict(exclude=config.exclude, engine=config.engine(), progress=progress)
-    need = config.table_k
-    search = knn
-    if config.scheduler is not None:  # the same search, in row strips on a Dask cluster
-        from patchlab.distributed import connect, knn_on_cluster
-
-        search = partial(knn_on_cluster, connect(config.scheduler))
-    if blind and bank_rows is None:  # the self-kNN: symmetric blocks
-        table = search(queries, need, query_groups=groups, **kw)
-    elif blind:  # a coreset of the set's own patches: rows keep their patch identity
-        table = search(
-            queries,
-            need,
-            pool[bank_rows.to(pool.device)],
-            query_ids=torch.arange(n * h * w),
-            bank_ids=bank_rows,
-            query_groups=groups,
-            bank_groups=groups[bank_rows],
-            **kw,
-        )
-    else:  # one-class: the bank is another image set, nothing to exclude
-        bank = pool if bank_rows is None else pool[bank_rows.to(pool.device)]
-        table = search(queries, need, bank, **kw)
-    return Neighbours(table.distances.cpu(), table.indices.cpu(), config.exclude)
-
-
-def coreset_rows(
-    pool: torch.Tensor, key: str, config: RunConfig, progress: bool = True
-) -> torch.Tensor:
-    """Greedy coreset rows of ``pool`` (m, d), the features named ``key``, cached.
-
-    Greedy picks come in a fixed order for a given seed, so a smaller ratio is a prefix of a
-    larger one: a cached longer sequence is cut, not redone.
-    """
-    m = max(1, int(pool.shape[0] * config.coreset))
-    device = resolve_device(config.device)
-    folder = cache_folder(config.cache_dir)
-    stem = coreset_stem(key, config.seed, device)
-
-    def valid(rows: np.ndarray) -> bool:
-        return rows.ndim == 1 and len(rows) >= m and 0 <= rows.min() and rows.max() < len(pool)
-
-    while (cached := find_prefix(folder, stem, "m", m)) is not None:
-        rows = read_entry(cached, np.load, valid)
-        if rows is not None:
-            return torch.from_numpy(rows[:m].astype(np.int64))
-    rows = greedy_coreset(pool.to(device), config.coreset, seed=config.seed, progress=progress)
-    rows = rows.cpu()
-    atomic_save(folder / f"{stem}-m{m}.npy", rows=rows.numpy())
-    return rows

@@ -46,6 +46,8 @@ def aggregate(taps: list[torch.Tensor], dim: int | None = None, local: int = 3) 
     -------
     torch.Tensor, shape (b, h, w, dim or sum(c_j))
     """
+    if local < 1 or local % 2 == 0:
+        raise ValueError(f"local={local} must be an odd neighbourhood side >= 1 (1, 3, 5, ...)")
     size = taps[0].shape[-2:]
     maps = []
     for fmap in taps:
@@ -110,8 +112,6 @@ def extract_features(
     """
     if kind not in ("patch", "global"):
         raise ValueError(f"kind={kind!r} is unknown; choose 'patch' or 'global'")
-    if local < 1 or local % 2 == 0:
-        raise ValueError(f"local={local} must be an odd neighbourhood side >= 1 (1, 3, 5, ...)")
     setting = dict(backbone=backbone, weights=weights, seed=seed, resize=resize, crop=crop)
     key = feature_key(images.paths, **setting, local=local if kind == "patch" else 3)
     stem = "features" if kind == "patch" else "global"

@@ -148,11 +148,11 @@ def image_scores(
         return a_star.numpy()
     if mode == "top":
         if not 0 < q <= 1:
-            raise ValueError(f"top_q={q} must lie in (0, 1]")
+            raise ValueError(f"q (top_q) = {q} must lie in (0, 1]")
         top = max(1, math.ceil(q * grid.shape[1]))
         return grid.topk(top, dim=1).values.mean(1).numpy()
     if mode == "max_median":
-        return (a_star - grid.median(1).values).numpy()
+        return (a_star - grid.quantile(0.5, dim=1)).numpy()  # the mean of the middle two if even
     if support is None:
         raise ValueError(f"image score {mode!r} needs support_distances(); use mode='max'")
     numerator = support[:, 0] if mode == "patchcore" else a_star
@@ -199,6 +199,7 @@ def rscin(
         members = torch.arange(n)[:, None]
         if k > 1:
             members = torch.cat([members, others[:, : k - 1]], 1)  # (n, k): i first
-        weight = (g[:, None] * g[members]).sum(2).clamp_min(0)  # W_ij, W_ii = 1
+        weight = (g[:, None] * g[members]).sum(2).clamp_min(0)  # W_ij
+        weight[:, 0] = 1.0  # W_ii = 1, also for an all-zero global feature
         out += (weight * s[members]).sum(1) / weight.sum(1)
     return (out / len(windows)).numpy()

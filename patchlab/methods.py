@@ -36,6 +36,8 @@ class ScoringInputs:
         Patch features of the images the memory bank is drawn from, when they are not the set
         itself (one-class: train/good); ``bank_rows`` then index its patches. None in the
         blind settings, where the bank is the set's own patches.
+    local : int
+        The locally aware neighbourhood size r the features were aggregated with.
     others : tuple of ScoringInputs
         The same images at the other locally aware neighbourhood sizes (MuSc's LNAMD,
         ``RunConfig.local_sizes``): :func:`score_patches` averages the scores of every size.
@@ -47,6 +49,7 @@ class ScoringInputs:
     bank_rows: torch.Tensor | None = None
     global_features: torch.Tensor | None = None
     bank: torch.Tensor | None = None
+    local: int = 3
     others: tuple[ScoringInputs, ...] = ()
 
     def bank_features(self) -> torch.Tensor:

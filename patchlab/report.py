@@ -192,6 +192,13 @@ def _html(maps: dict, metrics: dict, shown: np.ndarray, pictures: np.ndarray) ->
         f"{key}={config.get(key)}"
         for key in ("data", "category", "setting", "method", "k", "backbone", "weights")
     )
+    # beyond the paper: shown where they changed the result
+    shown = {
+        "local_sizes": config.get("local_sizes", [3]) != [3],
+        "rscin": bool(config.get("rscin")),
+        "top_q": metrics.get("image_score") == "top",
+    }
+    settings += "".join(f", {key}={config.get(key)}" for key, show in shown.items() if show)
     return (
         "<!DOCTYPE html><html><head><meta charset='utf-8'><title>patchlab report</title>"
         "<style>body{font-family:sans-serif;margin:1em}th{text-align:left;padding-right:1em}"

@@ -213,7 +213,10 @@ def _record(table, category, setting, row, metrics, seconds) -> dict:
         **{m: metrics[m] for m in METRICS},
         # the image AUROC under every image-score rule (methods without a neighbour
         # table have only the plain maximum: the same value in every column)
-        **{f"image_auroc_{r}": by_rule.get(r, metrics["image_auroc"]) for r in SCORE_RULES},
+        **{
+            f"image_auroc_{r}": by_rule.get(r, by_rule.get("max", metrics["image_auroc"]))
+            for r in SCORE_RULES
+        },
         "negative_weights": metrics["negative_weights"],
         "seconds": round(seconds, 2),
     }

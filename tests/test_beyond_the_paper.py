@@ -34,6 +34,9 @@ def test_top_and_max_median_rules_match_numpy():
     np.testing.assert_allclose(image_scores(patch, "max_median"), flat.max(1) - np.median(flat, 1))
     with pytest.raises(ValueError, match="top_q"):
         image_scores(patch, "top", q=0)
+    even = torch.rand(3, 28, 28, generator=g)  # 784 patches: the median of the middle two
+    flat = even.reshape(3, -1).double().numpy()
+    np.testing.assert_allclose(image_scores(even, "max_median"), flat.max(1) - np.median(flat, 1))
 
 
 def rscin_loop(scores, g, windows):
@@ -86,7 +89,7 @@ def test_lnamd_averages_the_scores_of_every_size():
     g = torch.Generator().manual_seed(4)
     sizes = [torch.randn(4, 3, 3, 6, generator=g) for _ in range(3)]
     tables = [knn(x.reshape(-1, 6), 5, exclude="self", progress=False) for x in sizes]
-    parts = [ScoringInputs(x, t) for x, t in zip(sizes, tables, strict=True)]
+    parts = [ScoringInputs(x, t, local=r) for x, t, r in zip(sizes, tables, (3, 1, 5), strict=True)]
     joint = replace(parts[0], others=tuple(parts[1:]))
     for method, options in (("patchcluster", {}), ("mutual", {"ratio": 0.5})):
         each = [score_patches(method, p, 5, **options).double() for p in parts]
@@ -154,10 +157,14 @@ def test_config_and_cli_take_the_new_options():
     assert config.local_sizes == (3, 1, 5) and config.rscin == (2, 3)
     assert config.image_score == "top" and config.top_q == 0.02
     assert _config(build_parser().parse_args(["run", "d", "--out", "o"])).rscin == ()
+    # as JSON gives a config back: lists are the same setting
+    assert RunConfig(data="d", local_sizes=[3, 1], rscin=[2]) == RunConfig(
+        data="d", local_sizes=(3, 1), rscin=(2,)
+    )
     for bad, match in (
         ({"local_sizes": (2,)}, "odd"),
         ({"local_sizes": (3, 3)}, "repeats"),
-        ({"local_sizes": [3]}, "tuple of integers"),
+        ({"local_sizes": (3.0,)}, "tuple of integers"),
         ({"rscin": (0,)}, "rscin"),
         ({"top_q": 1.5}, "top_q"),
         ({"image_score": "median"}, "unknown"),
@@ -181,14 +188,16 @@ def test_a_run_with_lnamd_and_rscin(tiny_demo):
     )
     images, inputs, masks, seconds = prepare(config, progress=False)
     assert len(inputs.others) == 1 and inputs.global_features is not None
-    assert "other sizes" in seconds
+    assert [inputs.local, inputs.others[0].local] == [3, 1]
+    assert seconds["features"] > 0 and "neighbours" in seconds
     result = rescore(config, images, inputs, masks)
     assert result.metrics["image_score"] == "top"
     plain = rescore(replace(config, rscin=()), images, inputs, masks)
     expect = rscin(plain.image_scores, inputs.global_features, (2, 3))
     np.testing.assert_allclose(result.image_scores, expect)
-    with pytest.raises(ValueError, match="prepared with 2 neighbourhood size"):
-        rescore(replace(config, local_sizes=(3,)), images, inputs, masks)
+    for other in ((3,), (1, 3), (3, 5)):
+        with pytest.raises(ValueError, match=r"prepared with sizes \(3, 1\)"):
+            rescore(replace(config, local_sizes=other), images, inputs, masks)
     # RsCIN needs the global features that prepare() loads for it
     bare = replace(inputs, global_features=None)
     with pytest.raises(ValueError, match="global features"):
