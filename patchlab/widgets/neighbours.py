@@ -145,6 +145,10 @@ class NeighbourExplorer(Displays):
         idx, dist = self.neighbours(self.query)
         score = float(dist.mean())
         title = f"{self.describe(self.query)}: s(f) = mean of {self.k} distances = {score:.3f}"
+        if self.result.inputs.others:  # LNAMD: the run's score averages several sizes
+            local = self.result.inputs.local
+            title += f" (at size {local}; the run's average over sizes: "
+            title += f"{float(self.result.patch_scores.reshape(-1)[self.query]):.3f})"
         fig = viz.neighbour_crops_figure(
             self.patch_crop(self.query), [self.patch_crop(j) for j in idx], dist, title
         )
