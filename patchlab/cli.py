@@ -21,7 +21,7 @@ from patchlab.config import RunConfig
 from patchlab.data import BLIND_SETTINGS
 from patchlab.demo import DEMO_CATEGORIES, demo_path, make_demo_data
 from patchlab.diagnostics import K_LADDER, STABLE
-from patchlab.reproduce import TABLES
+from patchlab.reproduce import PAPER_SETTINGS, TABLES
 
 PER_CELL = ("category", "setting", "bank_setting", "unlabeled", "method", "k", "k_max")
 PER_CELL += ("exclude", "coreset")  # what each cell of a `patchlab reproduce` table sets
@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--out", required=True, help="output folder (CSV + markdown)")
     rep.add_argument("--categories", nargs="+", default=None)
     rep.add_argument("--settings", nargs="+", default=list(BLIND_SETTINGS), choices=BLIND_SETTINGS)
-    add_config_options(rep, skip=PER_CELL, backbone="wide_resnet50_2")  # the paper's
+    add_config_options(rep, skip=PER_CELL, **PAPER_SETTINGS)  # the paper's, whatever run's are
 
     _add_k_curve(sub)
 
