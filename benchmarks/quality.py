@@ -258,6 +258,7 @@ def report(records: list[dict]) -> str:
                 values = [h[key].get(rule) for h in have]
                 cells.append("—" if None in values else f"{np.mean(values):.3f}")
         text.append(f"| {name} | " + " | ".join(cells) + " |")
+    text += candidates(latest, real)
     text += k_diagnostic(latest, sets)
     for s in sets:
         text.append(f"\n### {s}\n")
@@ -269,6 +270,45 @@ def report(records: list[dict]) -> str:
                 cells = [_mean([r], key) for key in ("image_auroc", "pixel_auroc", "pro")]
                 text.append(f"| {name} | " + " | ".join(cells) + f" | {r['seconds']:.0f} |")
     return "\n".join(text)
+
+
+def candidates(latest: dict, sets: list[str], top: int = 15) -> list[str]:
+    """The decision table: every (row, image-score rule, RsCIN or not) measured on every real
+    set, as the mean over the sets and its worst loss against the default on any set and
+    metric; a candidate passes when it improves the mean of every metric and loses no more
+    than 0.02 anywhere. Sorted by the mean of the three metrics."""
+    default = [latest.get((s, DEFAULT_ROW)) for s in sets]
+    if None in default:
+        return []
+
+    def metrics(r: dict, rule: str, smoothed: bool) -> tuple | None:
+        image = r["image_auroc_by_rule_rscin" if smoothed else "image_auroc_by_rule"].get(rule)
+        return None if image is None else (image, r["pixel_auroc"], r["pro"])
+
+    base = [metrics(r, r["image_rule"], False) for r in default]
+    found = []
+    for name in [r.name for r in rows()]:
+        have = [latest.get((s, name)) for s in sets]
+        if None in have:
+            continue
+        for rule in IMAGE_SCORES:
+            for smoothed in (False, True):
+                values = [metrics(r, rule, smoothed) for r in have]
+                if None in values:
+                    continue
+                mean = np.mean(values, 0)
+                worst = min(min(np.subtract(v, b)) for v, b in zip(values, base, strict=True))
+                passes = bool(np.all(mean > np.mean(base, 0)) and worst >= -0.02)
+                label = f"{name}, {rule}" + (" + RsCIN" if smoothed else "")
+                found.append((float(mean.mean()), label, mean, worst, passes))
+    found.sort(key=lambda x: -x[0])
+    text = [f"\n### candidates for the defaults (mean over {len(sets)} real sets)\n"]
+    text.append("| configuration, image score | image | pixel | PRO | worst Δ | passes |")
+    text.append("|---|---|---|---|---|---|")
+    for _, label, mean, worst, passes in found[:top]:
+        cells = " | ".join(f"{v:.3f}" for v in mean)
+        text.append(f"| {label} | {cells} | {worst:+.3f} | {'yes' if passes else 'no'} |")
+    return text
 
 
 def k_diagnostic(latest: dict, sets: list[str]) -> list[str]:

@@ -169,6 +169,7 @@ def rescore(
     masks: np.ndarray,
     progress: bool = False,
     pixel_metrics: bool = True,
+    patch_scores: torch.Tensor | None = None,
 ) -> Result:
     """Scores, maps, image scores and metrics from prepared inputs (no feature or kNN work).
 
@@ -180,6 +181,9 @@ def rescore(
     ``pixel_metrics=False`` skips pixel AUROC and PRO (they sort every pixel of the set, the
     slowest part of a re-score; they are None then) and keeps the image AUROC: what an
     interactive widget needs.
+    ``patch_scores`` (n * h * w,) are the method's scores when the caller kept them from an
+    earlier call (:attr:`Result.patch_scores`): a method that ignores K (mutual scoring,
+    PaDiM) is then not computed again when only the image score or the display changes.
     """
     t0 = time.perf_counter()
     prepared = (inputs.local, *(x.local for x in inputs.others))
@@ -193,7 +197,9 @@ def rescore(
     options = {name: getattr(config, key) for name, key in method.options.items()}
     if "k_img" in options:  # SPADE on a small set: at most every other image
         options["k_img"] = min(options["k_img"], max(1, n - 1))
-    flat = score_patches(config.method, inputs, config.k, progress=progress, **options)
+    flat = patch_scores
+    if flat is None:
+        flat = score_patches(config.method, inputs, config.k, progress=progress, **options)
     patch = flat.reshape(n, h, w)
     maps = anomaly_maps(patch, config.crop or config.resize, config.sigma)
     rule = config.image_score

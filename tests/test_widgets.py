@@ -73,7 +73,7 @@ def test_explore_opens_the_scoring_widget(result):
 
 
 def test_k_slider_rescores_from_the_stored_table(result, monkeypatch):
-    from patchlab import experiment, knn
+    from patchlab import bank, knn
     from patchlab.widgets import explore
 
     widget = explore(result, n_show=6)
@@ -83,7 +83,7 @@ def test_k_slider_rescores_from_the_stored_table(result, monkeypatch):
         raise AssertionError("moving K must not compute the neighbour table")
 
     monkeypatch.setattr(knn, "knn", no_knn)
-    monkeypatch.setattr(experiment, "knn", no_knn)
+    monkeypatch.setattr(bank, "knn", no_knn)
     widget.k.value = 12
     direct, order = _expected(result, k=12)
     _assert_figure_shows(widget, direct, order)
@@ -276,3 +276,21 @@ def test_export_png_writes_a_png(tmp_path):
     path = viz.export_png(fig, tmp_path / "sub" / "sweep.png", width=300, height=200)
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
+
+
+def test_a_k_free_method_is_scored_once(result, monkeypatch):
+    """Mutual scoring ignores K: the widget keeps its scores, so changing the image score
+    re-scores without computing it again, and shows what a direct rescore shows."""
+    from patchlab import methods
+    from patchlab.widgets import explore
+
+    calls = []
+    original = methods.METHODS["mutual"]
+    counted = replace(original, fn=lambda *a, **kw: calls.append(1) or original.fn(*a, **kw))
+    monkeypatch.setitem(methods.METHODS, "mutual", counted)
+    widget = explore(result, n_show=4, methods=("patchcluster", "mutual"))
+    widget.method.value = "mutual"
+    assert len(calls) == 1
+    widget.image_score.value = "top"
+    assert len(calls) == 1  # kept
+    _assert_figure_shows(widget, *_expected(result, method="mutual", image_score="top"))

@@ -16,6 +16,7 @@ from dataclasses import replace
 import ipywidgets as W
 import numpy as np
 import plotly.graph_objects as go
+import torch
 
 import patchlab.viz as viz
 from patchlab.backbones import BACKBONES
@@ -73,6 +74,7 @@ class ScoringWidget(Displays):
         self.base = config
         self.n_show, self.cols, self.stride = n_show, cols, stride
         self.prepared: dict[tuple[str, str | None, str], Prepared] = dict(prepared or {})
+        self._kept: dict[tuple, torch.Tensor] = {}  # scores of K-free methods, per prepared set
         self._uris: dict[str, str] = {}
         if config.method not in methods:
             methods = (config.method, *methods)
@@ -181,7 +183,14 @@ class ScoringWidget(Displays):
             self.status.value = f"<span style='color:#b00'>{html.escape(str(err))}</span>"
             return
         t0 = time.perf_counter()
-        result = rescore(config, images, inputs, masks, pixel_metrics=self.pixel.value)
+        # a method that ignores K is scored once per prepared set (mutual scoring takes seconds)
+        memo = (config.backbone, config.category, config.setting, config.method)
+        kept = self._kept.get(memo) if config.method in K_FREE_METHODS else None
+        result = rescore(
+            config, images, inputs, masks, pixel_metrics=self.pixel.value, patch_scores=kept
+        )
+        if config.method in K_FREE_METHODS:
+            self._kept[memo] = result.patch_scores.reshape(-1)
         self.rescore_ms = (time.perf_counter() - t0) * 1e3
         self.result = result
         self.shown = np.argsort(-result.image_scores, kind="stable")[: self.n_show]
