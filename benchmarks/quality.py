@@ -320,7 +320,7 @@ def k_diagnostic(latest: dict, sets: list[str]) -> list[str]:
         "| mean of 3 metrics: chosen / K=25 / best |"
     )
     text.append("|---|---|---|---|---|")
-    hits, n_sets = 0, 0
+    hits, n_sets, better, regret = 0, 0, 0, []
     for s in sets:
         ladder = {}
         for k in K_LADDER:
@@ -338,11 +338,18 @@ def k_diagnostic(latest: dict, sets: list[str]) -> list[str]:
         best = max(score, key=score.get)
         n_sets += 1
         hits += by_image == best
+        better += score[by_image] >= score[25]
+        regret.append(score[best] - score[by_image])
         text.append(
             f"| {s} | {by_image} | {by_patch} | {best} | "
             f"{score[by_image]:.3f} / {score[25]:.3f} / {score[best]:.3f} |"
         )
-    text.append(f"\nthe image-ranking rule picked the labels' K on {hits} of {n_sets} sets")
+    if n_sets:
+        text.append(
+            f"\nthe image-ranking rule picked the labels' K on {hits} of {n_sets} sets; its K "
+            f"scored at least K = 25's on {better} of {n_sets}; mean loss against the best K "
+            f"{np.mean(regret):.3f} (largest {max(regret):.3f})"
+        )
     return text
 
 

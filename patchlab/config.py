@@ -21,6 +21,12 @@ def option(default, help: str, choices=None):
     return field(default=default, metadata={"help": help, "choices": choices})
 
 
+# the paper's PatchCluster as the paper runs it: 3 x 3 locally aware features, PatchCore's
+# image re-weighting (Eq. 3), no image-level re-scoring (what `patchlab demo`, `reproduce`
+# and the teaching notebooks 1-5 use; `method="patchcluster"` with them)
+PAPER_SETTINGS = dict(method="patchcluster", local_sizes=(3,), image_score="patchcore", rscin=())
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Settings of one run, from images to metrics.
@@ -104,7 +110,9 @@ class RunConfig:
         None, "images that form the bank when not the set: train = one-class", SETTINGS
     )
     unlabeled: bool = option(False, "DATA is a plain image folder (no labels, no metrics)")
-    method: str = option("patchcluster", "patch scoring method", tuple(sorted(METHODS)))
+    # the defaults of method, image_score, rscin and local_sizes were chosen on real data
+    # (benchmarks/quality.py, docs/results.md "Beyond the paper"); PAPER_SETTINGS are the paper's
+    method: str = option("mutual", "patch scoring method", tuple(sorted(METHODS)))
     k: int = option(25, "neighbours averaged (Eq. 2)")
     k_max: int | None = option(None, "neighbour table width (default: k)")
     exclude: str = option("self", "what counts as the patch itself", EXCLUDE_MODES)
@@ -116,17 +124,17 @@ class RunConfig:
     resize: int = option(256, "resize side, pixels")
     crop: int | None = option(224, "centre-crop side, pixels")
     image_score: str = option(
-        IMAGE_SCORES[0],
+        "top",
         "patchcore: PatchCore's re-weighting; eq3: as printed; max; top: mean of top_q; "
         "max_median: max less median",
         IMAGE_SCORES,
     )
     top_q: float = option(0.01, "image score 'top': share of the patch grid averaged")
     rscin: tuple[int, ...] = option(
-        (), "RsCIN: smooth image scores over the k most similar images, k in these windows"
+        (2, 3), "RsCIN: smooth image scores over the k most similar images, k in these windows"
     )
     local_sizes: tuple[int, ...] = option(
-        (3,), "locally aware neighbourhood sides; several = MuSc's LNAMD (1 3 5)"
+        (3, 1, 5), "locally aware neighbourhood sides; several = MuSc's LNAMD (1 3 5)"
     )
     b: int = option(9, "neighbours of f* that re-weight the image score")
     sigma: float = option(4.0, "Gaussian blur of the maps, pixels")
@@ -170,6 +178,11 @@ class RunConfig:
         self._check_sizes()
         if self.sigma < 0:
             raise ValueError(f"sigma must be >= 0, got {self.sigma}")
+        if self.coreset < 1 and not get_method(self.method).uses_table:
+            raise ValueError(
+                f"coreset={self.coreset} thins the memory bank of a neighbour table; "
+                f"method={self.method!r} reads none: use patchcluster or patchcore"
+            )
         if self.bank_setting is not None:
             self._check_one_class()
 

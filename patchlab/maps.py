@@ -18,7 +18,7 @@ from scipy import ndimage
 from patchlab.knn import knn
 from patchlab.methods import ScoringInputs
 
-# the first is the default: chosen by measurement (docs/results.md, "Image scores")
+# RunConfig.image_score's default ("top") was chosen by measurement (docs/results.md)
 IMAGE_SCORES = ("patchcore", "eq3", "max", "top", "max_median")
 NEEDS_SUPPORT = ("patchcore", "eq3")  # the rules that read the neighbour table
 
@@ -179,15 +179,16 @@ def rscin(
     ----------
     scores : np.ndarray, shape (n,)
     global_features : torch.Tensor, shape (n, c)
-    windows : tuple of int, each in [1, n]
+    windows : tuple of int, each >= 1 (one larger than n means all n images)
 
     Returns
     -------
     np.ndarray, shape (n,), float64
     """
     n = len(scores)
-    if not windows or min(windows) < 1 or max(windows) > n:
-        raise ValueError(f"rscin windows {windows} must each lie in [1, n_images = {n}]")
+    if not windows or min(windows) < 1:
+        raise ValueError(f"rscin windows {windows} must each be >= 1")
+    windows = tuple(min(k, n) for k in windows)  # a window beyond the set is the whole set
     if global_features.shape[0] != n:
         raise ValueError(f"{global_features.shape[0]} global features for {n} image scores")
     g = torch.nn.functional.normalize(global_features.double().cpu(), dim=1)

@@ -176,7 +176,10 @@ def mutual(
     """
     n, h, w, d = inputs.features.shape
     if n < 2:
-        raise ValueError("mutual scoring needs at least two images")
+        raise ValueError(
+            "mutual scoring needs at least two images; for one image use method='patchcluster'"
+            " (--method patchcluster)"
+        )
     if not 0 < ratio <= 1:
         raise ValueError(f"mutual ratio must lie in (0, 1], got {ratio}")
     bank = inputs.features.reshape(n * h * w, d)

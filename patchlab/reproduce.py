@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from patchlab.config import RunConfig
+from patchlab.config import PAPER_SETTINGS, RunConfig
 from patchlab.data import BLIND_SETTINGS
 from patchlab.experiment import run
 
@@ -61,14 +61,7 @@ class Row:
 # the defaults of `patchlab reproduce`: the paper's backbone, its 256 -> 224 input, its
 # locally aware 3 x 3 features and PatchCore's image re-weighting (Eq. 3), whatever the
 # defaults of `patchlab run` (chosen on real data, docs/results.md) are
-PAPER_SETTINGS = dict(
-    backbone="wide_resnet50_2",
-    resize=256,
-    crop=224,
-    local_sizes=(3,),
-    image_score="patchcore",
-    rscin=(),
-)
+REPRODUCE_DEFAULTS = dict(PAPER_SETTINGS, backbone="wide_resnet50_2", resize=256, crop=224)
 
 PAPER_METHODS = (
     Row("PaDiM", "padim"),
@@ -140,7 +133,7 @@ def reproduce(
     data : MVTec AD layout folder (categories, or one category).
     table : one of :data:`TABLES` (2-7).
     base : settings shared by every cell (weights, seed, cache, device, backend, ...); default
-        :data:`PAPER_SETTINGS` (the paper's backbone, input, features and image score).
+        :data:`REPRODUCE_DEFAULTS` (the paper's backbone, input, features and image score).
     categories : default every category under ``data``.
     settings : blind settings to run (tables 3-7 use them too; table 4 is always one-class).
     """
@@ -148,7 +141,7 @@ def reproduce(
         raise ValueError(f"table={table} is unknown; choose one of {sorted(TABLES)}")
     data, out = Path(data), Path(out)
     cats = categories or categories_of(data)
-    base = base or RunConfig(data=str(data), **PAPER_SETTINGS)
+    base = base or RunConfig(data=str(data), **REPRODUCE_DEFAULTS)
     title, rows = TABLES[table]
     out.mkdir(parents=True, exist_ok=True)
     csv_path = out / f"table{table}.csv"

@@ -61,8 +61,9 @@ def test_rscin_matches_a_loop_and_is_affine_equivariant():
     # MuSc min-max normalises first: a convex combination commutes with any affine map
     np.testing.assert_allclose(rscin(3 * scores + 1, glob, (2, 3)), 3 * ours + 1)
     np.testing.assert_allclose(rscin(scores, glob, (1,)), scores)  # window 1: unchanged
+    np.testing.assert_allclose(rscin(scores, glob, (13,)), rscin(scores, glob, (12,)))  # all
     with pytest.raises(ValueError, match="windows"):
-        rscin(scores, glob, (13,))
+        rscin(scores, glob, (0,))
 
 
 def test_aggregate_at_other_neighbourhood_sizes():
@@ -156,7 +157,7 @@ def test_config_and_cli_take_the_new_options():
     config = _config(args)
     assert config.local_sizes == (3, 1, 5) and config.rscin == (2, 3)
     assert config.image_score == "top" and config.top_q == 0.02
-    assert _config(build_parser().parse_args(["run", "d", "--out", "o"])).rscin == ()
+    assert _config(build_parser().parse_args(["run", "d", "--out", "o", "--rscin"])).rscin == ()
     # as JSON gives a config back: lists are the same setting
     assert RunConfig(data="d", local_sizes=[3, 1], rscin=[2]) == RunConfig(
         data="d", local_sizes=(3, 1), rscin=(2,)

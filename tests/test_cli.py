@@ -9,7 +9,6 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 from patchlab.cli import main
-from patchlab.maps import IMAGE_SCORES
 
 
 def test_run_writes_metrics_scores_and_maps(tiny_demo, tmp_path):
@@ -33,10 +32,14 @@ def test_run_writes_metrics_scores_and_maps(tiny_demo, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n_images"] == 9 and metrics["n_patches"] == 9 * 28 * 28
     assert set(metrics["seconds"]) >= {"features", "neighbours", "scores"}
-    # the configured image score is reported beside every other rule and its negative weights
+    # the defaults measured on real data: mutual scoring with LNAMD and RsCIN, the top-1 % score
+    config = metrics["config"]
+    assert config["method"] == "mutual" and config["local_sizes"] == [3, 1, 5]
+    assert config["rscin"] == [2, 3] and metrics["image_score"] == "top"
+    # the configured image score is reported beside every other rule this method allows
     by_score = metrics["image_auroc_by_score"]
-    assert set(by_score) == set(IMAGE_SCORES) and metrics["negative_weights"] == 0
-    assert metrics["image_auroc"] == by_score[metrics["image_score"]] == by_score["patchcore"]
+    assert set(by_score) == {"max", "top", "max_median"} and metrics["negative_weights"] == 0
+    assert metrics["image_auroc"] == by_score["top"]
     # the pretrained offline backbone by default, recorded with its feature width
     assert metrics["backbone"] == "efficientnet_lite0" and metrics["weights"] == "imagenet"
     assert metrics["feature_dim"] == 152 and metrics["config"]["backbone"] == "efficientnet_lite0"
@@ -82,7 +85,7 @@ def test_demo_prints_a_table(tmp_path, monkeypatch, capsys):
         (["--setting", "all"], "invalid choice: 'all'"),
         (["--method", "magic"], "invalid choice: 'magic'"),
         (["--k", "0"], "k must be >= 1"),
-        (["--k", "5000"], "k=5000 is larger than the bank"),
+        (["--k", "5000", "--method", "patchcluster"], "k=5000 is larger than the bank"),
         (["--k", "30", "--k-max", "20"], "k_max=20 must be >= k=30"),
         (["--category", "carpet"], "category 'carpet' not found"),
     ],
@@ -128,14 +131,16 @@ def test_every_method_runs_from_the_command_line(tiny_demo, tmp_path, extra):
     if "--coreset" in extra:
         ratio = float(extra[extra.index("--coreset") + 1])
         assert metrics["n_bank"] == int(metrics["n_patches"] * ratio)
-    uses_table = extra[1] in ("patchcluster", "patchcore", "patchcore_lof")
-    assert metrics["image_score"] == ("patchcore" if uses_table else "max")
+    assert metrics["image_score"] == "top"  # the default rule needs no table: every method has it
 
 
 def test_coreset_and_lof_bad_arguments(tiny_demo, tmp_path, capsys):
     argv = ["run", str(tiny_demo), "--category", "brick", "--out", str(tmp_path), "--quiet"]
     assert main(argv + ["--coreset", "1.5"]) == 2
     assert "coreset ratio must lie in (0, 1]" in capsys.readouterr().err
+    assert main(argv + ["--coreset", "0.01"]) == 2  # mutual scoring reads no table
+    assert "method='mutual' reads none: use patchcluster" in capsys.readouterr().err
+    argv += ["--method", "patchcluster"]
     assert main(argv + ["--coreset", "0.01", "--k", "100"]) == 2  # 47 patches in the coreset
     assert "--coreset 0.01 keeps 47 patch features, too few" in capsys.readouterr().err
     assert main(argv + ["--method", "patchcore_lof", "--k", "6000"]) == 2

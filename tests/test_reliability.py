@@ -169,7 +169,10 @@ def test_a_bad_out_is_found_before_the_work(demo, tmp_path, capsys, monkeypatch,
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--coreset", "0.0001"], "--coreset 0.0001 keeps 1 patch features, too few"),
+        (
+            ["--coreset", "0.0001", "--method", "patchcluster"],
+            "--coreset 0.0001 keeps 1 patch features, too few",
+        ),
         (["--category", "carpet"], "category 'carpet' not found"),
     ],
 )
@@ -203,11 +206,13 @@ def test_ctrl_c_ends_in_one_line_and_exit_130(demo, tmp_path, capsys, monkeypatc
 @pytest.mark.parametrize("damage", ["truncated", "empty", "garbage"])
 @pytest.mark.parametrize("entry", ["features", "neighbours"])
 def test_a_broken_cache_entry_is_replaced(demo, tmp_path, damage, entry):
-    from patchlab.config import RunConfig
+    from patchlab.config import PAPER_SETTINGS, RunConfig
     from patchlab.experiment import run
 
     cache = tmp_path / "cache"
-    config = RunConfig(data=str(demo), category="brick", k=3, cache_dir=str(cache))
+    config = RunConfig(
+        data=str(demo), category="brick", k=3, cache_dir=str(cache), **PAPER_SETTINGS
+    )
     first = run(config, progress=False)
     (path,) = cache.glob(f"{entry}-*")
     data = path.read_bytes()

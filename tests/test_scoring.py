@@ -156,10 +156,12 @@ def test_negative_eq3_weights_warn_and_are_counted(tiny_demo):
     """Eq. 3 as printed, PatchCluster at large K: some weights turn negative; the run says so."""
     from dataclasses import replace
 
-    from patchlab.config import RunConfig
+    from patchlab.config import PAPER_SETTINGS, RunConfig
     from patchlab.experiment import rescore, run
 
-    config = RunConfig(data=str(tiny_demo), category="brick", setting="test", k=3, k_max=60)
+    config = RunConfig(
+        data=str(tiny_demo), category="brick", setting="test", k=3, k_max=60, **PAPER_SETTINGS
+    )
     base = run(config, progress=False)
     literal = replace(config, k=60, image_score="eq3")
     with pytest.warns(UserWarning, match="negative image-score weight under image_score='eq3'"):

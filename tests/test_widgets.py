@@ -14,7 +14,7 @@ pytest.importorskip("ipywidgets")
 pytest.importorskip("plotly")
 
 from patchlab import viz  # noqa: E402
-from patchlab.config import RunConfig  # noqa: E402
+from patchlab.config import PAPER_SETTINGS, RunConfig  # noqa: E402
 from patchlab.experiment import rescore, run  # noqa: E402
 from patchlab.methods import score_patches  # noqa: E402
 from patchlab.metrics import (  # noqa: E402
@@ -28,7 +28,9 @@ from patchlab.metrics import (  # noqa: E402
 
 @pytest.fixture(scope="module")
 def result(tiny_demo):
-    config = RunConfig(data=str(tiny_demo), category="brick", setting="test", k=3, k_max=20)
+    config = RunConfig(
+        data=str(tiny_demo), category="brick", setting="test", k=3, k_max=20, **PAPER_SETTINGS
+    )
     return run(config, progress=False)
 
 
