@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from patchlab.config import RunConfig
+from patchlab.config import PAPER_SETTINGS, RunConfig
 from patchlab.diagnostics import K_LADDER, STABLE, choose_k, k_stability
 from patchlab.experiment import image_scores_by_rule, prepare, rescore
 from patchlab.maps import IMAGE_SCORES
@@ -57,6 +57,7 @@ PIPED = (
     "PA_FLR02_TL",
     "PA_FVN01_TL",
 )
+BASE = dict(PAPER_SETTINGS, k=25)  # the old default of `patchlab run`: every row's base
 SCORES = Path("runs/quality/scores")  # mutual scoring's patch scores, per set and size
 DEFAULT_ROW = "patchcluster K=25 @224crop"
 
@@ -97,22 +98,28 @@ def rows() -> list[Row]:
 
 
 def data_sets(names: list[str], data: Path) -> list[tuple[str, RunConfig]]:
-    """(name, base config) of every set asked for; ``piped`` means its eight classes."""
+    """(name, base config) of every set asked for; ``piped`` means its eight classes. The
+    base is the old default (the paper's settings, K = 25): each row changes one axis of it."""
     out = []
     for name in names:
         if name == "piped":
             out += data_sets([f"piped/{c}" for c in PIPED], data)
         elif name.startswith("piped/"):
             cat = name.split("/", 1)[1]
-            out.append((name, RunConfig(data=str(data / "piped"), category=cat, setting="test")))
+            root = str(data / "piped")
+            out.append((name, RunConfig(data=root, category=cat, setting="test", **BASE)))
         elif name in ("tile", "tile-mix"):
             setting = "test" if name == "tile" else "mix"
-            out.append((name, RunConfig(data=str(data), category="magnetic_tile", setting=setting)))
+            config = RunConfig(data=str(data), category="magnetic_tile", setting=setting, **BASE)
+            out.append((name, config))
         elif name == "demo":
             from patchlab.demo import DEMO_CATEGORIES, demo_path, make_demo_data
 
             root = make_demo_data(demo_path())
-            out += [(f"demo/{c}", RunConfig(data=str(root), category=c)) for c in DEMO_CATEGORIES]
+            out += [
+                (f"demo/{c}", RunConfig(data=str(root), category=c, **BASE))
+                for c in DEMO_CATEGORIES
+            ]
         else:
             raise SystemExit(f"unknown set {name!r}: piped, piped/<class>, tile, tile-mix, demo")
     return out
