@@ -274,25 +274,9 @@ def report(records: list[dict]) -> str:
             secs = np.mean([h["seconds"] for h in have])
             mark = " (default)" if name == DEFAULT_ROW else ""
             text.append(f"| {name}{mark} | " + " | ".join(cells) + f" | {worst} | {secs:.0f} |")
-    text.append("\n### image AUROC by image-score rule (mean over the real sets; + RsCIN 2, 3)\n")
-    text.append(
-        "| configuration | "
-        + " | ".join(IMAGE_SCORES)
-        + " | "
-        + " | ".join(f"{r}+RsCIN" for r in IMAGE_SCORES)
-        + " |"
-    )
-    text.append("|---" * (1 + 2 * len(IMAGE_SCORES)) + "|")
-    for name in names:
-        have = [latest[(s, name)] for s in real if (s, name) in latest]
-        if len(have) != len(real) or not have:
-            continue
-        cells = []
-        for key in ("image_auroc_by_rule", "image_auroc_by_rule_rscin"):
-            for rule in IMAGE_SCORES:
-                values = [h[key].get(rule) for h in have]
-                cells.append("—" if None in values else f"{np.mean(values):.3f}")
-        text.append(f"| {name} | " + " | ".join(cells) + " |")
+    for title, chosen in (("the real sets", real), ("the PIPED classes", piped)):
+        if chosen and (chosen is real or len(piped) < len(real)):
+            text += rule_table(latest, chosen, names, title)
     text += candidates(latest, real)
     text += k_diagnostic(latest, sets)
     for s in sets:
@@ -385,6 +369,24 @@ def k_diagnostic(latest: dict, sets: list[str]) -> list[str]:
             f"scored at least K = 25's on {better} of {n_sets}; mean loss against the best K "
             f"{np.mean(regret):.3f} (largest {max(regret):.3f})"
         )
+    return text
+
+
+def rule_table(latest: dict, chosen: list[str], names: list[str], title: str) -> list[str]:
+    """Image AUROC of every row under every image-score rule, without and with RsCIN."""
+    text = [f"\n### image AUROC by image-score rule (mean over {title}; + RsCIN 2, 3)\n"]
+    rules = " | ".join(IMAGE_SCORES) + " | " + " | ".join(f"{r}+RsCIN" for r in IMAGE_SCORES)
+    text += [f"| configuration | {rules} |", "|---" * (1 + 2 * len(IMAGE_SCORES)) + "|"]
+    for name in names:
+        have = [latest[(s, name)] for s in chosen if (s, name) in latest]
+        if len(have) != len(chosen) or not have:
+            continue
+        cells = []
+        for key in ("image_auroc_by_rule", "image_auroc_by_rule_rscin"):
+            for rule in IMAGE_SCORES:
+                values = [h[key].get(rule) for h in have]
+                cells.append("—" if None in values else f"{np.mean(values):.3f}")
+        text.append(f"| {name} | " + " | ".join(cells) + " |")
     return text
 
 
