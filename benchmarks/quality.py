@@ -39,8 +39,8 @@ import torch
 
 from patchlab.config import PAPER_SETTINGS, RunConfig
 from patchlab.diagnostics import K_LADDER, STABLE, choose_k, k_stability
-from patchlab.experiment import image_scores_by_rule, prepare, rescore
-from patchlab.maps import IMAGE_SCORES
+from patchlab.experiment import image_scores_by_rule, load_images, prepare, rescore
+from patchlab.maps import IMAGE_SCORES, rscin
 from patchlab.methods import score_patches
 from patchlab.metrics import image_auroc
 
@@ -144,7 +144,7 @@ def run_set(name: str, base: RunConfig, grid: list[Row], done: dict, out) -> Non
 
     ``done`` maps (set, row) to the settings its line recorded (None for lines written
     before settings were recorded): a row whose settings changed since is run again."""
-    n_images = len(prepare_images(base)) if any(r.k_share for r in grid) else None
+    n_images = len(load_images(base)) if any(r.k_share for r in grid) else None
     groups: dict[tuple, list[Row]] = {}
     for row in grid:
         config = row_config(base, row, n_images)
@@ -183,12 +183,6 @@ def settings(config: RunConfig) -> dict:
     return json.loads(json.dumps({k: v for k, v in config.to_dict().items() if k != "k_max"}))
 
 
-def prepare_images(base: RunConfig):
-    from patchlab.experiment import load_images
-
-    return load_images(base)
-
-
 def mutual_scores(name: str, config: RunConfig, inputs, folder: Path) -> torch.Tensor:
     """Mutual scoring's patch scores, one size at a time, kept on disk per (set, input,
     size, ratio): the rows with and without LNAMD share the size-3 scores (on magnetic tile
@@ -216,8 +210,9 @@ def score_row(name, row, config, images, inputs, masks, scores_dir: Path) -> dic
     seconds = time.perf_counter() - t0
     patch = result.patch_scores
     labels = images.labels
-    by_rule = image_scores_by_rule(patch, inputs, config)
-    smoothed = image_scores_by_rule(patch, inputs, replace(config, rscin=RSCIN))
+    # every rule's scores once (support distances are a kNN), then the same smoothed by RsCIN
+    by_rule = image_scores_by_rule(patch, inputs, replace(config, rscin=()))
+    smoothed = {r: rscin(s, inputs.global_features, RSCIN) for r, s in by_rule.items()}
     m = result.metrics
     return {
         "set": name,

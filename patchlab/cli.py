@@ -56,7 +56,6 @@ def add_config_options(p: argparse.ArgumentParser, skip: tuple[str, ...] = (), *
 
 def _config(args: argparse.Namespace, **overrides) -> RunConfig:
     values = {f.name: getattr(args, f.name) for f in fields(RunConfig) if hasattr(args, f.name)}
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
     if getattr(args, "no_crop", False):
         values |= {"resize": 224, "crop": None}
     return RunConfig(**(values | overrides))
