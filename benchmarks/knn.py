@@ -188,23 +188,33 @@ def agreement(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean([len(np.intersect1d(r, s)) / len(r) for r, s in zip(a, b, strict=True)]))
 
 
-BANKS = {  # name: (backbone, weights, data root, categories)
-    "demo": ("efficientnet_lite0", "imagenet", None, ("brick", "gravel", "grass", "washer")),
-    "demo-wrn": ("wide_resnet50_2", "none", None, ("brick", "gravel", "grass", "washer")),
-    "tile": ("efficientnet_lite0", "imagenet", SHARED, ("magnetic_tile",)),
-    "tile-wrn": ("wide_resnet50_2", "none", SHARED, ("magnetic_tile",)),
+BANKS = {  # name: (backbone, weights, data root, categories, (resize, crop))
+    "demo": ("efficientnet_lite0", "imagenet", None, ("brick", "gravel", "grass", "washer"), None),
+    "demo-wrn": ("wide_resnet50_2", "none", None, ("brick", "gravel", "grass", "washer"), None),
+    "tile": ("efficientnet_lite0", "imagenet", SHARED, ("magnetic_tile",), None),
+    "tile-wrn": ("wide_resnet50_2", "none", SHARED, ("magnetic_tile",), None),
+    # whole images, as a run's bank holds them: 112 tile images are 87 808 patches at 224 px,
+    # 179 200 at 320 px and 351 232 at 448 px
+    "tile224": ("efficientnet_lite0", "imagenet", SHARED, ("magnetic_tile",), (256, 224)),
+    "tile320": ("efficientnet_lite0", "imagenet", SHARED, ("magnetic_tile",), (320, 320)),
+    "tile448": ("efficientnet_lite0", "imagenet", SHARED, ("magnetic_tile",), (448, 448)),
 }
 
 
 def prepare_bank(name: str, n: int) -> str:
-    """A .npy of n rows evenly spread over a real bank's Test-set patch features."""
+    """A .npy of n rows of a real bank's Test-set patch features: rows evenly spread over
+    every image, or (banks with an input size) every patch of images evenly spread over the
+    set, as many as n rows need."""
     import torch
 
     from patchlab.data import load_mvtec
     from patchlab.demo import demo_path, make_demo_data
     from patchlab.features import extract_features
 
-    backbone, weights, root, categories = BANKS[name]
+    backbone, weights, root, categories, size = BANKS[name]
+    path = f"/tmp/knn_bench_bank_{name}_{n}.npy"
+    if Path(path).is_file():
+        return path
     if root is None:
         root = make_demo_data(demo_path())
     elif not Path(root, categories[0]).is_dir():
@@ -212,13 +222,20 @@ def prepare_bank(name: str, n: int) -> str:
     parts = []
     for category in categories:
         images = load_mvtec(root, category, "test")
-        feats = extract_features(images, backbone=backbone, weights=weights, progress=True)
+        kw = {} if size is None else {"resize": size[0], "crop": size[1]}
+        if size is not None:  # whole images: as many as n rows need, evenly spread
+            grid = extract_features(images.subset([0]), backbone=backbone, **kw).shape[1:3]
+            need = -(-n // (grid[0] * grid[1]))
+            if need > len(images):
+                raise ValueError(f"bank {name!r} holds {len(images)} images, fewer than {need}")
+            images = images.subset(np.linspace(0, len(images) - 1, need).round().astype(int))
+        feats = extract_features(images, backbone=backbone, weights=weights, progress=True, **kw)
         parts.append(feats.reshape(-1, feats.shape[-1]))
     full = torch.cat(parts).numpy()
     if n > len(full):
         raise ValueError(f"bank {name!r} holds {len(full)} rows, fewer than N = {n}")
-    path = f"/tmp/knn_bench_bank_{name}_{n}.npy"
-    np.save(path, np.ascontiguousarray(full[:: len(full) // n][:n]))
+    rows = full[:n] if size is not None else full[:: len(full) // n][:n]
+    np.save(path, np.ascontiguousarray(rows))
     return path
 
 

@@ -16,10 +16,10 @@ row's top-k only when
 
     v <= kth[r],    kth[r] = the distance of the heap's root (the current k-th best),
 
-which is checked for 64 entries at once with a vectorised minimum; only chunks that hold such an
-entry are looked at one by one, and an entry whose key is below the root's replaces the root
-and sifts down (log2 k levels). After the first blocks few chunks pass, so the pass costs little
-more than reading the block. Excluded pairs (+inf) never enter.
+which is tested for 64 entries at once (an OR of vectorised compares); only chunks that hold
+such an entry are looked at one by one, and an entry whose key is below the
+root's replaces the root and sifts down (log2 k levels). After the first blocks few chunks
+pass, so the pass costs little more than reading the block. Excluded pairs (+inf) never enter.
 
 For the symmetric self-kNN, a block of rows r0 + i and columns c0 + j (r0 != c0) also updates
 the rows c0 + j with the candidates r0 + i (its transpose), in the same read of each entry: the
@@ -33,16 +33,14 @@ import numpy as np
 import torch
 from numba import config, get_num_threads, njit, prange, set_num_threads
 
-CHUNK = 64  # entries compared at once (a vectorised minimum) ...
-SUB = 16  # ... then in sub-chunks of 16 (one AVX-512 register), then one by one
+CHUNK = 64  # entries tested at once (vectorised compares), then one by one
+
 # column parts per thread in the transposed merge: more keep a tile's column heaps in L2, but
 # 1, 4 and 8 measured alike (within the noise of a shared machine)
 STRIPS = 1
-BIG = np.float32(np.finfo(np.float32).max)
 LOW = np.int64(0xFFFFFFFF)  # the index half of a key
 EMPTY_INDEX = 0xFFFFFFFF  # the index of an empty slot (becomes -1 in the table)
-# LLVM vectorises the branch-free minima only with these flags; "ninf" is left out, as +inf
-# marks excluded pairs and empty heaps
+# "ninf" is left out: +inf marks excluded pairs and empty heaps
 FAST = {"nnan", "nsz", "arcp", "contract", "reassoc", "afn"}
 
 
@@ -91,78 +89,76 @@ def _offer(keys, kth, r, v, j):  # pragma: no cover - compiled
     return kth[r]
 
 
+@njit(nogil=True, inline="always", fastmath=FAST)
+def _chunk_hits(row, a, thr, thr_c, t0):  # pragma: no cover - compiled
+    """Whether an entry v = row[t] + a of the chunk t0:t0 + CHUNK is <= thr, or <= thr_c[t]
+    when thr_c is not empty.
+
+    An OR of compares over a fixed-size slice, which LLVM vectorises (measured 0.19 ns an
+    entry against 1.1 for a float minimum or shifted indices, which it leaves scalar), on the
+    same float32 sums as the offers."""
+    r = row[t0 : t0 + CHUNK]
+    hit = np.int32(0)
+    if thr_c.shape[0] == 0:
+        for t in range(CHUNK):
+            hit |= np.int32(r[t] + a <= thr)
+    else:
+        c = thr_c[t0 : t0 + CHUNK]
+        for t in range(CHUNK):
+            v = r[t] + a
+            hit |= np.int32(v <= thr) | np.int32(v <= c[t])
+    return hit
+
+
 @njit(parallel=True, nogil=True, cache=True, fastmath=FAST)
 def _merge_rows(keys, kth, d2, add, r0, c0):  # pragma: no cover - compiled
     """Rows r0 + i take the candidates (d2[i, j] + add[i], c0 + j); parallel over rows."""
     m, w = d2.shape
+    none = np.empty(0, np.float32)
     for i in prange(m):
         r = r0 + i
         a = add[i]
         row = d2[i]
         thr = kth[r]
         for j0 in range(0, w, CHUNK):
-            j1 = min(j0 + CHUNK, w)
-            # the chunk's minimum (vectorised): fl(min x + a) = min fl(x + a), as rounding is
-            # monotonic, so this skips exactly the chunks without a candidate
-            lo = row[j0]
-            for j in range(j0 + 1, j1):
-                lo = min(lo, row[j])
-            if not lo + a <= thr:
+            if j0 + CHUNK <= w and _chunk_hits(row, a, thr, none, j0) == 0:
                 continue
-            for s0 in range(j0, j1, SUB):  # the same test on sub-chunks, then one by one
-                s1 = min(s0 + SUB, j1)
-                lo = row[s0]
-                for j in range(s0 + 1, s1):
-                    lo = min(lo, row[j])
-                if not lo + a <= thr:
-                    continue
-                for j in range(s0, s1):
-                    v = row[j] + a
-                    if v <= thr:
-                        thr = _offer(keys, kth, r, v, c0 + j)
+            for j in range(j0, min(j0 + CHUNK, w)):
+                v = row[j] + a
+                if v <= thr:
+                    thr = _offer(keys, kth, r, v, c0 + j)
 
 
 @njit(nogil=True, inline="always", fastmath=FAST)
 def _merge_tile(keys, kth, d2, add, r0, c0, ia, ib, ja, jb):  # pragma: no cover - compiled
-    """Rows ia:ib x columns ja:jb of a block, merged both ways in one read of each entry."""
+    """Rows ia:ib x columns ja:jb of a block, merged both ways.
+
+    First every chunk is tested against the thresholds at the start of the tile (a pure,
+    vectorised pass: thresholds only fall, so a stale one admits more, never fewer), then
+    the chunks that hold a candidate are merged one entry at a time."""
     width = jb - ja
-    # the column rows' k-th best, +inf stored as the largest finite float32 so that the
-    # v - thr_c below is never inf - inf (NaN)
-    thr_c = np.empty(width, np.float32)
-    for t in range(width):
-        thr_c[t] = min(kth[c0 + ja + t], BIG)
+    thr_c = kth[c0 + ja : c0 + jb].copy()  # the column rows' k-th best, kept in L1
+    full = width // CHUNK
+    hits = np.zeros((ib - ia, full + 1), np.int32)  # the last column: the partial chunk
+    for i in range(ia, ib):
+        row = d2[i, ja:jb]
+        for c in range(full):
+            hits[i - ia, c] = _chunk_hits(row, add[i], kth[r0 + i], thr_c, c * CHUNK)
+        hits[i - ia, full] = full * CHUNK < width
     for i in range(ia, ib):
         r = r0 + i
         a = add[i]
         row = d2[i, ja:jb]
         thr = kth[r]
-        for t0 in range(0, width, CHUNK):
-            t1 = min(t0 + CHUNK, width)
-            # vectorised minima: lo_r = min x, lo_c = min (x + a - thr_c). Conservative:
-            # v <= thr_c gives v - thr_c <= 0 (IEEE subtraction of distinct values is not
-            # zero), and an excluded entry (+inf) gives +inf, never NaN
-            lo_r = row[t0]
-            lo_c = row[t0] + a - thr_c[t0]
-            for t in range(t0 + 1, t1):
-                lo_r = min(lo_r, row[t])
-                lo_c = min(lo_c, row[t] + a - thr_c[t])
-            if not (lo_r + a <= thr or lo_c <= 0):
+        for c in range(full + 1):
+            if hits[i - ia, c] == 0:
                 continue
-            for s0 in range(t0, t1, SUB):  # the same test on sub-chunks, then one by one
-                s1 = min(s0 + SUB, t1)
-                lo_r = row[s0]
-                lo_c = row[s0] + a - thr_c[s0]
-                for t in range(s0 + 1, s1):
-                    lo_r = min(lo_r, row[t])
-                    lo_c = min(lo_c, row[t] + a - thr_c[t])
-                if not (lo_r + a <= thr or lo_c <= 0):
-                    continue
-                for t in range(s0, s1):
-                    v = row[t] + a
-                    if v <= thr:
-                        thr = _offer(keys, kth, r, v, c0 + ja + t)
-                    if v - thr_c[t] <= 0:
-                        thr_c[t] = min(_offer(keys, kth, c0 + ja + t, v, r), BIG)
+            for t in range(c * CHUNK, min(c * CHUNK + CHUNK, width)):
+                v = row[t] + a
+                if v <= thr:
+                    thr = _offer(keys, kth, r, v, c0 + ja + t)
+                if v <= thr_c[t]:
+                    thr_c[t] = _offer(keys, kth, c0 + ja + t, v, r)
 
 
 @njit(parallel=True, nogil=True, cache=True, fastmath=FAST)
