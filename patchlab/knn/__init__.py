@@ -55,8 +55,9 @@ class Neighbours:
 
     Attributes
     ----------
-    distances : torch.Tensor, shape (n_queries, k), float32
-        Euclidean distances to the k nearest bank features, ascending along each row.
+    distances : torch.Tensor, shape (n_queries, k), float32 or float64
+        Euclidean distances to the k nearest bank features, ascending along each row: float64
+        when the queries or the bank are float64, float32 otherwise.
     indices : torch.Tensor, shape (n_queries, k), int64
         Row indices of those features in the bank.
     exclude : str
@@ -235,7 +236,8 @@ def knn(
     Returns
     -------
     Neighbours
-        ``distances`` (n_queries, k) float32 ascending and ``indices`` (n_queries, k) int64.
+        ``distances`` (n_queries, k) ascending, float64 when the queries or the bank are
+        float64 (float32 otherwise), and ``indices`` (n_queries, k) int64.
     """
     symmetric = bank is None
     queries, bank_, ids, groups = check_arguments(
@@ -251,23 +253,24 @@ def knn(
         from patchlab.knn._gemm import search
     # the fast pass keeps `pool` extra candidates; their exact float64 distances pick the k
     wide = min(k_search + engine.pool, n_b - excluded)
-    # the fast pass on features scaled by a power of two (exact) into float32's safe range
+    # everything runs on features scaled by a power of two (exact) into a safe range, so that
+    # no squared distance overflows or underflows; the distances are scaled back at the end
     scale = _safe_scale(queries, bank_)
-    fast_q = queries if scale == 1 else queries * scale
-    fast_b = fast_q if symmetric else (bank_ if scale == 1 else bank_ * scale)
-    fast, candidates = search(fast_q, fast_b, wide, symmetric, ids, groups, engine, progress)
-    d2, idx = rerank(queries, bank_, candidates, k_search)
+    q = queries if scale == 1 else queries * scale
+    b = q if symmetric else (bank_ if scale == 1 else bank_ * scale)
+    fast, candidates = search(q, b, wide, symmetric, ids, groups, engine, progress)
+    d2, idx = rerank(q, b, candidates, k_search)
     if engine.backend == "torch" and engine.precision == "fp32":
-        # rows the float32 GEMM form cannot certify are searched again in float64 (both in
-        # the scaled space of the fast pass; the exact distances come from the originals)
-        kth = d2[:, k_search - 1] * (scale * scale)
-        redo = uncertain_rows(fast, candidates, kth, fast_q, fast_b).nonzero().flatten()
+        # rows the float32 GEMM form cannot certify are searched again in float64
+        redo = uncertain_rows(fast, candidates, d2[:, k_search - 1], q, b).nonzero().flatten()
         if len(redo):
-            again = _search_again(fast_q, fast_b, redo, wide, ids, groups, engine)
-            d2[redo], idx[redo] = rerank(queries[redo], bank_, again, k_search)
+            again = _search_again(q, b, redo, wide, ids, groups, engine)
+            d2[redo], idx[redo] = rerank(q[redo], b, again, k_search)
     if exclude == "nearest":
         d2, idx = d2[:, 1:], idx[:, 1:]
-    return Neighbours(d2.sqrt_().float(), idx, exclude)
+    dist = d2.sqrt_().div_(scale)  # float64; exact unscaling (a power of two)
+    f64 = torch.float64 in (queries.dtype, bank_.dtype)  # float64 in, float64 out
+    return Neighbours(dist if f64 else dist.float(), idx, exclude)
 
 
 def _search_again(queries, bank, rows, wide, ids, groups, engine) -> torch.Tensor:
@@ -284,9 +287,10 @@ def _search_again(queries, bank, rows, wide, ids, groups, engine) -> torch.Tenso
 
 def _safe_scale(queries, bank) -> float:
     """A power of two that brings the features' largest magnitude near 1 when it is outside
-    [2^-60, 2^60]: float32 squared distances of features of 1e19 would overflow to inf (and of
-    1e-30 underflow to 0). Scaling by a power of two is exact; 1 otherwise."""
+    [2^-40, 2^40]: float32 squared distances of features of 1e19 would overflow to inf (and of
+    1e-30 underflow to 0), float64 ones of 1e160. Scaling by a power of two is exact; 1
+    otherwise (the features patchlab extracts are near 1)."""
     top = max(float(queries.abs().max()), float(bank.abs().max()))
-    if top == 0 or 2.0**-60 <= top <= 2.0**60:
+    if top == 0 or 2.0**-40 <= top <= 2.0**40:
         return 1.0
     return 2.0 ** -math.frexp(top)[1]

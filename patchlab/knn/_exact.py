@@ -50,6 +50,8 @@ def rerank(
     ----------
     queries : torch.Tensor, shape (n, d)
     bank : torch.Tensor, shape (m, d)
+        Features in float64 or float32 (float16/bfloat16 are widened); the differences are
+        formed in float64 either way.
     candidates : torch.Tensor, shape (n, w), int64
         Bank rows of each query's candidates (w >= k, each at most once), -1 for none.
     k : int
@@ -61,7 +63,10 @@ def rerank(
     smaller index comes first.
     """
     n, w = candidates.shape
-    bank = bank.detach().float().contiguous()  # once: a no-op for a float32 bank
+    # the features as given: float64 stays float64 (beyond float32's range too), float16 and
+    # bfloat16 become float32; once, a no-op for a float32 bank
+    dtype = torch.float64 if torch.float64 in (queries.dtype, bank.dtype) else torch.float32
+    bank = bank.detach().to(dtype).contiguous()
     out_d = torch.empty(n, k, dtype=torch.float64, device=candidates.device)
     out_i = torch.empty(n, k, dtype=torch.int64, device=candidates.device)
     rows = max(1, 2**24 // w)  # a chunk's (rows, w) tables stay near 128 MB
@@ -80,7 +85,7 @@ def _rerank_rows(queries, bank, candidates, k):
     cand = torch.where(candidates < 0, big, candidates).sort(1).values
     cand = cand.masked_fill_(cand == big, -1)
     if device.type == "cpu":
-        q = queries.detach().float().contiguous().numpy()
+        q = queries.detach().to(bank.dtype).contiguous().numpy()
         b = bank.numpy()
         d2 = np.empty(cand.shape, np.float64)
         matched_threads()
