@@ -36,6 +36,7 @@ import torch
 from patchlab.knn._checks import EXCLUDE_MODES, _excluded_count, check_arguments
 from patchlab.knn._exact import rerank, uncertain_rows
 from patchlab.knn._gemm import nearest_per_group
+from patchlab.knn._precision import bf16_pays, bf16_pool
 
 __all__ = ["BACKENDS", "EXCLUDE_MODES", "KNN_VERSION", "Engine", "Neighbours", "knn"]
 __all__ += ["check_arguments"]
@@ -44,6 +45,8 @@ __all__ += ["nearest_per_group"]
 KNN_VERSION = 3  # bump whenever the tables computed for the same inputs change (cache keys)
 BACKENDS = ("auto", "torch", "keops")
 PRECISIONS = ("auto", "fp32", "tf32", "bf16", "fp64")
+CERTIFIED = ("fp32", "bf16")  # fast passes whose rounding is bounded row by row (_precision)
+BF16_MAX_POOL = 2  # auto keeps a bf16 pass whose sampled pool is at most this many times k
 MERGES = ("auto", "heaps", "torch")
 CLUSTER_ROWS = 384  # rows per cluster block when skipping (smaller bound tighter, more pairs)
 SKIP_MIN_D = 512  # auto skips block pairs from this width on (measured: Engine.resolve)
@@ -85,18 +88,19 @@ class Engine:
     backend : {"auto", "torch", "keops"}
         The search: blocked GEMM, or a KeOps LazyTensor reduction.
     precision : {"auto", "fp32", "tf32", "bf16", "fp64"}
-        GEMM precision of the fast pass of ``torch``. ``fp32`` is certified row by row (an
-        uncertain row is searched again in ``fp64``), so the table equals a float64 brute
-        force up to exact ties. ``tf32`` and ``bf16`` are not certified: their candidates are
-        ranked exactly, and the set is exact when the true k nearest are among them
-        (docs/performance.md: on real 1024-d features ``tf32`` with pool 32 matched float64
-        as often as ``fp32``; ``bf16`` did not).
+        GEMM precision of the fast pass of ``torch``. ``fp32`` and ``bf16`` are certified row
+        by row from a bound on their rounding (:mod:`patchlab.knn._precision`; an uncertain
+        row is searched again in ``fp64``), so the table equals a float64 brute force up to
+        exact ties. ``tf32`` is not certified: its candidates are ranked exactly, and the set
+        is exact when the true k nearest are among them (docs/performance.md: on real 1024-d
+        features with pool 32 it matched float64 as often as ``fp32``).
     pool : int, optional
         Extra candidates the fast pass keeps per query; the k nearest are then taken by their
         exact float64 distances (:mod:`patchlab.knn._exact`). Default 8 for float32 GEMMs at
         d <= 256, else 32: measured on real features (152-d K = 25, 1024-d K = 100), the
         float32 rounding is then certified for every row (with 8 at 1024-d, 17 % of the rows
-        needed the float64 search).
+        needed the float64 search). For ``bf16`` it is sized per call from the rounding
+        bound on a sample of rows (:func:`patchlab.knn._precision.bf16_pool`).
     block_size : int, optional
         Rows (and columns) per block; memory grows as about ``3 * block_size**2 * 4`` bytes.
     merge : {"auto", "heaps", "torch"}
@@ -143,10 +147,17 @@ class Engine:
         - backend: ``torch``. The blocked GEMM beat KeOps on the CPU at every size measured
           (50 000 x 64: 4.5 s against 50.7 s with native flags; 50 000 x 1024: 3.0 s against
           a projected 1716 s), and KeOps 2.3 crashed on the CUDA machine measured.
-        - precision: ``fp32``, whose rounding is certified row by row (rows it cannot certify
-          are searched again in float64, :mod:`patchlab.knn._exact`). ``tf32`` was 1.4x
-          faster on one H200 (300 000 x 1024) and matched float64 as often on real features,
-          but its rounding is too coarse to certify: it is offered, never chosen.
+        - precision: ``bf16`` on a CPU with bf16 instructions where its GEMM measured at
+          least 1.5x the float32 one, for banks of 20 000 rows or more
+          (:func:`patchlab.knn._precision.bf16_pays`, a calibration of a few milliseconds
+          once per process) and whose sampled pool is at most 2 k (more candidates would
+          cost more merging and re-ranking than the GEMM saves); ``fp32`` otherwise. The
+          rule is reasoned, not measured: the CPUs measured so far lack bf16 instructions
+          or were not lent (docs/performance.md). Both are certified row by row (rows they
+          cannot certify are searched again in float64, :mod:`patchlab.knn._exact`).
+          ``tf32`` was 1.4x faster on one H200 (300 000 x 1024) and matched float64 as often
+          on real features, but its rounding is too coarse to certify: it is offered, never
+          chosen.
         - merge: compiled ``heaps`` on the CPU (2.6 s against 7.8 s of merging at
           50 000 x 1024), the ``torch`` merge on CUDA.
         - skip: a CPU self-kNN of at least 8192 rows whose bound table fits in 256 MB, at
@@ -157,9 +168,13 @@ class Engine:
         - block_size: 2048 on the CPU; up to 16384 on CUDA, by free memory.
         """
         backend = "torch" if self.backend == "auto" else self.backend
-        precision = "fp32" if self.precision == "auto" else self.precision
+        precision = self.precision
+        if precision == "auto":
+            precision = "bf16" if backend == "torch" and bf16_pays(device, n_bank, d) else "fp32"
         pool = self.pool
-        if pool is None:  # enough that the float32 rounding is certified for nearly every row
+        if pool is None and not (precision == "bf16" and backend == "torch"):
+            # enough that the float32 rounding is certified for nearly every row (bf16: None,
+            # sized by knn from a sample)
             pool = 8 if precision == "fp32" and d <= 256 else 32
         merge = self.merge
         if merge == "auto":
@@ -243,7 +258,8 @@ def knn(
     queries, bank_, ids, groups = check_arguments(
         queries, k, bank, exclude, query_ids, bank_ids, query_groups, bank_groups
     )
-    engine = (engine or Engine()).resolve(queries.device, bank_.shape[0], symmetric, bank_.shape[1])
+    asked = engine or Engine()
+    engine = asked.resolve(queries.device, bank_.shape[0], symmetric, bank_.shape[1])
     k_search = k + 1 if exclude == "nearest" else k
     n_b = bank_.shape[0]
     excluded = _excluded_count(*ids, *groups)
@@ -251,18 +267,25 @@ def knn(
         from patchlab.knn._keops import search
     else:
         from patchlab.knn._gemm import search
-    # the fast pass keeps `pool` extra candidates; their exact float64 distances pick the k
-    wide = min(k_search + engine.pool, n_b - excluded)
     # everything runs on features scaled by a power of two (exact) into a safe range, so that
     # no squared distance overflows or underflows; the distances are scaled back at the end
     scale = _safe_scale(queries, bank_)
     q = queries if scale == 1 else queries * scale
     b = q if symmetric else (bank_ if scale == 1 else bank_ * scale)
+    if engine.pool is None:  # a bf16 pass: the pool its rounding bound asks for on a sample
+        engine = replace(engine, pool=bf16_pool(q, b, k_search))
+        if asked.precision == "auto" and engine.pool > BF16_MAX_POOL * k_search:
+            # chosen by auto, but the candidates would cost more than the GEMM saves
+            fp32 = replace(asked, precision="fp32")
+            engine = fp32.resolve(queries.device, bank_.shape[0], symmetric, bank_.shape[1])
+    # the fast pass keeps `pool` extra candidates; their exact float64 distances pick the k
+    wide = min(k_search + engine.pool, n_b - excluded)
     fast, candidates = search(q, b, wide, symmetric, ids, groups, engine, progress)
     d2, idx = rerank(q, b, candidates, k_search)
-    if engine.backend == "torch" and engine.precision == "fp32":
-        # rows the float32 GEMM form cannot certify are searched again in float64
-        redo = uncertain_rows(fast, candidates, d2[:, k_search - 1], q, b).nonzero().flatten()
+    if engine.backend == "torch" and engine.precision in CERTIFIED:
+        # rows whose fast pass's rounding bound cannot certify them: searched again in float64
+        kth = d2[:, k_search - 1]
+        redo = uncertain_rows(fast, candidates, kth, q, b, engine.precision).nonzero().flatten()
         if len(redo):
             again = _search_again(q, b, redo, wide, ids, groups, engine)
             d2[redo], idx[redo] = rerank(q[redo], b, again, k_search)

@@ -21,6 +21,7 @@ import torch
 from numba import njit, prange
 
 from patchlab.knn._heaps import matched_threads
+from patchlab.knn._precision import error_coefficients
 
 
 @njit(parallel=True, nogil=True, fastmath={"contract", "reassoc"}, cache=True)
@@ -115,14 +116,17 @@ def uncertain_rows(
     exact_kth: torch.Tensor,
     queries: torch.Tensor,
     bank: torch.Tensor,
+    precision: str = "fp32",
 ) -> torch.Tensor:
     """The rows whose k nearest may lie outside the fast pass's candidates.
 
-    The float32 GEMM form of a squared distance errs by at most
+    The fast pass's GEMM form of a squared distance errs by at most
 
-        err(f, m) = c (||f - mu||^2 + ||m - mu||^2),    c = 2 (d + 3) eps32
+        err(f, m) = c_x ||f - mu|| ||m - mu|| + c_n (||f - mu||^2 + ||m - mu||^2)
 
-    (mu the bank mean the backend centred on; a float32 dot product of length d errs by at most
+    (mu the bank mean the backend centred on; (c_x, c_n) from
+    :func:`patchlab.knn._precision.error_coefficients`: for float32, c_x = 0 and
+    c_n = 2 (d + 3) eps32, as a float32 dot product of length d errs by at most
     d eps32 ||f|| ||m||, whatever the summation order). Let T be the fast distance of the last
     candidate: every other bank entry m was computed at T or more (or skipped, which proves
     more), so its true distance is at least T - err(f, m). Only entries with
@@ -130,7 +134,7 @@ def uncertain_rows(
     the candidates (the triangle inequality), so with M^2 the smaller of (||f - mu|| +
     sqrt(D_k))^2 and the largest ||m - mu||^2,
 
-        T - c (||f - mu||^2 + M^2) > D_k
+        T - c_x ||f - mu|| M - c_n (||f - mu||^2 + M^2) > D_k
 
     proves that the k nearest are all candidates. Rows whose every allowed bank entry is a
     candidate are certain too.
@@ -143,6 +147,8 @@ def uncertain_rows(
     exact_kth : torch.Tensor, shape (n,), float64
         D_k: the exact k-th squared distance among each row's candidates.
     queries, bank : the original features, (n, d) and (m, d)
+    precision : {"fp32", "bf16"}
+        The fast pass's GEMM precision.
 
     Returns
     -------
@@ -156,8 +162,9 @@ def uncertain_rows(
     q_sq = _centred_sq_norms(queries, mean)
     reach = (q_sq.sqrt() + exact_kth.sqrt()).pow(2)
     m_sq = torch.minimum(reach, _centred_sq_norms(bank, mean).max())
-    c = 2 * (queries.shape[1] + 3) * float(torch.finfo(torch.float32).eps)
-    certain = fast[:, w - 1].double() - c * (q_sq + m_sq) > exact_kth
+    c_x, c_n = error_coefficients(precision, queries.shape[1])
+    err = c_x * (q_sq * m_sq).sqrt() + c_n * (q_sq + m_sq)
+    certain = fast[:, w - 1].double() - err > exact_kth
     return ~complete & ~certain
 
 

@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from patchlab.knn._common import centred, mask_excluded
+from patchlab.knn._precision import bf16_block
 
 
 @dataclass
@@ -34,7 +35,7 @@ class _Layout:
 
 def search(queries, bank, k, symmetric, ids, groups, engine, progress):
     """Squared distances (n_q, k) ascending and bank indices (n_q, k) of the k nearest, by the
-    float32 (or reduced-precision) GEMM form: the candidates that :func:`patchlab.knn._exact.rerank`
+    float32 (bf16, float64) GEMM form: the candidates that :func:`patchlab.knn._exact.rerank`
     then ranks exactly.
 
     ``engine`` is a resolved :class:`patchlab.knn.Engine`; ``ids``/``groups`` are (query key,
@@ -71,12 +72,12 @@ def search(queries, bank, k, symmetric, ids, groups, engine, progress):
             qa, bb = q.rows(r0, r1, low), b.rows(c0, c1, low)
             # ||m||^2 - 2<f, m> in the GEMM; ||f||^2 is added by the merge
             add = q_norm[r0:r1]
-            if low is not None:  # bf16 or float64 GEMMs, rounded to float32 for the merge
-                d2 = torch.addmm(b_norm[None, c0:c1].to(low), qa, bb.T, alpha=-2.0)
-                if wide64:  # the whole form in float64 before it is rounded
-                    d2.add_(add[:, None])
-                    add = torch.zeros(r1 - r0, device=d2.device)
-                d2 = d2.float()
+            if engine.precision == "bf16":  # bf16 products, the rest float32 (_precision)
+                d2 = bf16_block(qa, bb, b_norm[c0:c1], out=merge.buffer(r1 - r0, c1 - c0))
+            elif wide64:  # the whole form in float64 before it is rounded to float32
+                d2 = torch.addmm(b_norm[None, c0:c1], qa, bb.T, alpha=-2.0)
+                d2 = d2.add_(add[:, None]).float()
+                add = torch.zeros(r1 - r0, device=d2.device)
             else:
                 out = merge.buffer(r1 - r0, c1 - c0)
                 d2 = torch.addmm(b_norm[None, c0:c1], qa, bb.T, alpha=-2.0, out=out)
