@@ -14,13 +14,19 @@ Banks (``NAME:N x K``, or ``mixture:N x d x K``):
   seeded random weights (1024-d; its ImageNet weights cannot be downloaded here).
 - ``tile``, ``tile-wrn``: the same two backbones on the magnetic-tile Test set
   (``../shared/data``, 456 288 patches).
+- ``tile224``, ``tile320``, ``tile448``: every patch of whole tile images (evenly spread over
+  the Test set, as many as N needs), as a run's bank holds them, at 224 px (256 resize, 224
+  crop: 784 patches an image), 320 px (1 600) and 448 px (3 136); pretrained Lite0 (152-d).
 - ``mixture``: a seeded Gaussian mixture (64 clusters), unusually kind to block skipping.
 
 Features come from patchlab's cache (``$PATCHLAB_CACHE``), computed once. Printed per case and
-backend: seconds, the ratio to faiss (below 1: faster), peak extra resident memory over the
-data, the share of rows whose k neighbour set equals faiss', and the share of rows (on a
-sample of ``--check`` rows) whose set equals a float64 brute force. The GEMM floor is the
-distance FLOPs (2 N^2 d) at the GFLOP/s of one large float32 matmul in the same run.
+backend: seconds, the speed-up over faiss (faiss' seconds / these; above 1: faster), peak
+extra resident memory over the data, the share of rows whose k neighbour set equals faiss',
+and the share of rows (on a sample of ``--check`` rows) whose set equals a float64 brute
+force. The GEMM floors
+(``floor``: float32, ``floor-bf16``: bf16 products) are the full N x N distance GEMM
+(2 N^2 d FLOPs, what faiss computes; patchlab's self-kNN computes half) at the GFLOP/s of a
+4096 x 8192 block measured in the same run.
 """
 
 from __future__ import annotations
@@ -35,7 +41,15 @@ from pathlib import Path
 
 import numpy as np
 
-DEFAULT_CASES = ("demo:31360x25", "tile:50000x25", "tile-wrn:50000x100", "mixture:50000x1024x100")
+DEFAULT_CASES = (  # issue 20's table: whole tile images at 224, 320 and 448 px; 1024-d
+    "tile224:87808x25",
+    "tile224:87808x100",
+    "tile224:87808x200",
+    "tile320:179200x25",
+    "tile320:179200x100",
+    "tile448:351232x25",
+    "tile-wrn:50000x100",
+)
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 # torch-noskip: the CPU search without skipping block pairs (Engine(skip=False))
 BACKENDS = (
@@ -47,8 +61,9 @@ BACKENDS = (
     "faiss",
     "sklearn",
     "floor",
+    "floor-bf16",
 )
-DEFAULT_BACKENDS = ("torch", "faiss", "floor")
+DEFAULT_BACKENDS = ("torch", "faiss", "floor", "floor-bf16")
 KEOPS_LIMIT_S = 600.0
 
 
@@ -157,22 +172,34 @@ def run_backend(
 
         nn = NearestNeighbors(n_neighbors=k, algorithm="brute", n_jobs=-1).fit(x)
         idx = nn.kneighbors(return_distance=False)
-    elif backend == "floor":
+    elif backend.startswith("floor"):
         import torch
 
-        a = torch.randn(4096, d)
-        b = torch.randn(8192, d)
-        a @ b.T
-        reps, t = 3, time.perf_counter()
-        for _ in range(reps):
-            a @ b.T
-        gflops = 2 * 4096 * 8192 * d * reps / (time.perf_counter() - t) / 1e9
-        extra = {"gflops": gflops}
-        return {"seconds": 2 * n * n * d / gflops / 1e9, **extra}
+        from patchlab.knn._precision import bf16_block
+
+        a, b = torch.randn(4096, d), torch.randn(8192, d)
+        norm, out = torch.zeros(8192), torch.empty(4096, 8192)  # no allocation in the loop
+        if backend == "floor":  # float32: the GEMM form patchlab's fp32 pass runs
+            gemm = lambda: torch.addmm(norm[None], a, b.T, alpha=-2.0, out=out)  # noqa: E731
+        else:  # bf16 products, float32 sums: patchlab's bf16 pass
+            a, b = a.bfloat16(), b.bfloat16()
+            gemm = lambda: bf16_block(a, b, norm, out=out)  # noqa: E731
+        gemm()
+        best = min(_timed(gemm) for _ in range(3))
+        gflops = 2 * 4096 * 8192 * d / best / 1e9
+        # the seconds of the full N x N distance GEMM at that rate (faiss computes all of it;
+        # patchlab's self-kNN half of it)
+        return {"seconds": 2 * n * n * d / gflops / 1e9, "gflops": gflops}
     seconds = time.perf_counter() - t0
     peak = peak_mb()
     np.save(f"/tmp/knn_bench_{backend}_{n}_{d}_{k}.npy", idx.astype(np.int64))
     return {"seconds": seconds, "peak_extra_mb": peak - before, **extra}
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
 
 
 def _drop_self(idx: np.ndarray, k: int) -> np.ndarray:
@@ -279,7 +306,7 @@ def main() -> None:
 
     print(f"device={args.device} threads={os.cpu_count()} python={sys.version.split()[0]}")
     print(
-        f"{'case':>24}  {'backend':>12}  {'seconds':>8}  {'vs faiss':>8}  {'peak MB':>8}  "
+        f"{'case':>24}  {'backend':>12}  {'seconds':>8}  {'x faiss':>8}  {'peak MB':>8}  "
         f"{'= faiss':>7}  {'= float64':>9}"
     )
     for case in args.cases:
@@ -310,7 +337,7 @@ def run_case(case: str, args: argparse.Namespace) -> None:
     found = {
         b: np.load(f"/tmp/knn_bench_{b}_{n}_{d}_{k}.npy")
         for b, r in results.items()
-        if "skipped" not in r and b != "floor"
+        if "skipped" not in r and not b.startswith("floor")
     }
     x = make_bank(n, d) if bank is None else np.load(bank)
     exact = float64_agreement(x, k, found, args.check) if args.check else {}
@@ -320,7 +347,7 @@ def run_case(case: str, args: argparse.Namespace) -> None:
         if "skipped" in r:
             print(f"{label:>24}  {backend:>12}  skipped: {r['skipped']}")
             continue
-        ratio = f"{r['seconds'] / base:8.2f}" if base else "     n/a"
+        ratio = f"{base / r['seconds']:8.2f}" if base else "     n/a"
         peak = f"{r['peak_extra_mb']:8.0f}" if "peak_extra_mb" in r else "       -"
         same = "-"
         if backend in found and "faiss" in found and backend != "faiss":

@@ -7,7 +7,8 @@ every candidate's distance is computed again from the difference of the original
 
     d(f, m)^2 = sum_j (f_j - m_j)^2        in float64 (a compiled loop, rows in parallel),
 
-and the k nearest are taken, ties by the smaller bank index. The table then equals a float64
+and the k nearest are taken, ties by the smaller bank index (on the CPU one compiled pass,
+rows in parallel; on CUDA torch ops on bounded chunks). The table then equals a float64
 brute force wherever the true k nearest are among the candidates, which ``pool`` ensures up to
 the float32 rounding of the fast pass.
 """
@@ -23,23 +24,37 @@ from numba import njit, prange
 from patchlab.knn._heaps import matched_threads
 from patchlab.knn._precision import error_coefficients
 
+BIG_INDEX = np.iinfo(np.int64).max  # a missing candidate (-1), sorted after every index
+
 
 @njit(parallel=True, nogil=True, fastmath={"contract", "reassoc"}, cache=True)
-def _distances(q, b, cand, out):  # pragma: no cover - compiled
-    """out[i, j] = ||q[i] - b[cand[i, j]]||^2 in float64 (+inf where cand is -1)."""
+def _rerank_cpu(q, b, cand, out_d, out_i):  # pragma: no cover - compiled
+    """For every row i, in parallel: the candidates sorted by index (-1 last), their squared
+    distances ||q[i] - b[c]||^2 summed in float64, and the first k of a stable sort by
+    distance into out_d[i], out_i[i] (k = out_d.shape[1]; +inf and -1 past the candidates)."""
     n, w = cand.shape
+    k = out_d.shape[1]
     d = q.shape[1]
     for i in prange(n):
+        c = cand[i].copy()
         for j in range(w):
-            c = cand[i, j]
-            if c < 0:
-                out[i, j] = np.inf
+            if c[j] < 0:
+                c[j] = BIG_INDEX
+        c.sort()
+        d2 = np.empty(w, np.float64)
+        for j in range(w):
+            if c[j] == BIG_INDEX:
+                d2[j] = np.inf
                 continue
             s = 0.0
             for t in range(d):
-                diff = np.float64(q[i, t]) - np.float64(b[c, t])
+                diff = np.float64(q[i, t]) - np.float64(b[c[j], t])
                 s += diff * diff
-            out[i, j] = s
+            d2[j] = s
+        order = np.argsort(d2, kind="mergesort")  # stable: equal distances keep index order
+        for t in range(k):
+            out_d[i, t] = d2[order[t]]
+            out_i[i, t] = -1 if c[order[t]] == BIG_INDEX else c[order[t]]
 
 
 def rerank(
@@ -70,6 +85,11 @@ def rerank(
     bank = bank.detach().to(dtype).contiguous()
     out_d = torch.empty(n, k, dtype=torch.float64, device=candidates.device)
     out_i = torch.empty(n, k, dtype=torch.int64, device=candidates.device)
+    if candidates.device.type == "cpu":  # one compiled pass, rows in parallel
+        q = queries.detach().to(dtype).contiguous().numpy()
+        matched_threads()
+        _rerank_cpu(q, bank.numpy(), candidates.contiguous().numpy(), out_d.numpy(), out_i.numpy())
+        return out_d, out_i
     rows = max(1, 2**24 // w)  # a chunk's (rows, w) tables stay near 128 MB
     for s in range(0, n, rows):
         out_d[s : s + rows], out_i[s : s + rows] = _rerank_rows(
@@ -79,27 +99,19 @@ def rerank(
 
 
 def _rerank_rows(queries, bank, candidates, k):
-    """:func:`rerank` of one chunk of rows."""
-    device = candidates.device
+    """:func:`rerank` of one chunk of rows on CUDA, with torch ops."""
     # ties by index: sort the candidates by index (-1 last), then stably by distance
     big = torch.iinfo(torch.int64).max
     cand = torch.where(candidates < 0, big, candidates).sort(1).values
     cand = cand.masked_fill_(cand == big, -1)
-    if device.type == "cpu":
-        q = queries.detach().to(bank.dtype).contiguous().numpy()
-        b = bank.numpy()
-        d2 = np.empty(cand.shape, np.float64)
-        matched_threads()
-        _distances(q, b, cand.numpy(), d2)
-        d2 = torch.from_numpy(d2)
-    else:  # CUDA: the same sums in torch, a bounded chunk at a time
-        d2 = _distances_torch(queries, bank, cand)
+    d2 = _distances_torch(queries, bank, cand)
     order = d2.argsort(dim=1, stable=True)[:, :k]
     return d2.gather(1, order), cand.gather(1, order)
 
 
 def _distances_torch(queries, bank, cand, chunk_bytes: int = 2**28) -> torch.Tensor:
-    """``_distances`` with torch ops (CUDA), (chunk, w, d) float64 within ``chunk_bytes``."""
+    """||q_i - b_c||^2 of every candidate c, in float64 torch ops (CUDA), (chunk, w, d)
+    float64 within ``chunk_bytes``; +inf where c is -1."""
     n, w = cand.shape
     out = torch.empty(n, w, dtype=torch.float64, device=cand.device)
     chunk = max(1, chunk_bytes // (8 * w * bank.shape[1]))
