@@ -36,7 +36,7 @@ import torch
 from patchlab.backbones import get_backbone, weights_identity
 from patchlab.hashing import file_digest
 
-FEATURE_VERSION = 3  # bump whenever the features computed for the same settings change
+FEATURE_VERSION = 4  # bump whenever the features computed for the same settings change
 _STARTED = time.time()  # temporary files older than this process belong to killed runs
 
 

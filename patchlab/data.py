@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 SETTINGS = ("mix", "test", "ano", "train")
 BLIND_SETTINGS = SETTINGS[:3]  # the set is the bank: nobody says which image is normal
@@ -145,16 +145,30 @@ def load_mvtec(root: str | Path, category: str | None = None, setting: str = "te
 def load_folder(root: str | Path) -> ImageSet:
     """Every image under ``root`` (recursively), unlabelled.
 
-    Files whose suffix is not an image suffix are ignored with a warning that counts them;
-    a file with an image suffix that cannot be decoded raises an error when it is loaded.
+    Folders that hold no images of the set are left out, and the warning says so: MVTec
+    ``ground_truth/`` mask folders, and patchlab run folders (a folder holding
+    ``image_scores.csv`` or ``maps.npz``: its overlays and report). Files whose suffix is not an
+    image suffix, and macOS resource forks (``._name.png``), are ignored with a warning that
+    counts them; a file with an image suffix that cannot be decoded raises an error when it is
+    loaded, and a link that points nowhere raises one at once.
     """
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {root} does not exist; check the path")
-    files = _image_files(root, recursive=True)
+    skipped = sorted(_not_images(root))
+    files = [p for p in _image_files(root, recursive=True) if not _under(p, skipped)]
     if not files:
         raise FileNotFoundError(f"{root} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-    others = [p for p in root.rglob("*") if p.is_file() and p.suffix.lower() not in IMAGE_SUFFIXES]
+    kept = set(files)
+    others = [p for p in root.rglob("*") if p.is_file() and p not in kept]
+    others = [p for p in others if not _under(p, skipped)]
+    if skipped:
+        names = ", ".join(str(p.relative_to(root)) for p in skipped[:3])
+        warnings.warn(
+            f"{len(skipped)} folder(s) under {root} left out: mask folders (ground_truth) and "
+            f"patchlab run folders are not images to rank ({names})",
+            stacklevel=2,
+        )
     if others:
         warnings.warn(
             f"{len(others)} non-image file(s) under {root} ignored, e.g. {others[0]}", stacklevel=2
@@ -163,13 +177,45 @@ def load_folder(root: str | Path) -> ImageSet:
     return ImageSet(tuple(files), np.full(n, UNKNOWN, np.int8), (None,) * n, ("",) * n, root.name)
 
 
+RUN_FILES = ("image_scores.csv", "maps.npz")  # a folder holding one is a patchlab run folder
+
+
+def _not_images(root: Path) -> list[Path]:
+    """Folders under root whose files are not images to rank: MVTec mask folders and patchlab
+    run folders (their overlays and report), outermost first."""
+    found = []
+    for folder in sorted(p for p in root.rglob("*") if p.is_dir()):
+        if _under(folder, found):
+            continue
+        if folder.name == "ground_truth" or any((folder / f).is_file() for f in RUN_FILES):
+            found.append(folder)
+    return found
+
+
+def _under(path: Path, folders: list[Path]) -> bool:
+    return any(f in path.parents for f in folders)
+
+
 def _image_files(folder: Path, recursive: bool) -> list[Path]:
-    pattern = folder.rglob("*") if recursive else folder.iterdir()
-    return sorted(p for p in pattern if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    """Image files in folder (sorted); a link that points nowhere is an error, and macOS
+    resource forks (``._name.png``) are not images."""
+    found = []
+    for p in folder.rglob("*") if recursive else folder.iterdir():
+        if p.suffix.lower() not in IMAGE_SUFFIXES or p.name.startswith("._"):
+            continue
+        if p.is_symlink() and not p.exists():
+            raise FileNotFoundError(
+                f"{p} is a link to {os.readlink(p)}, which does not exist; fix or remove it"
+            )
+        if p.is_file():
+            found.append(p)
+    return sorted(found)
 
 
 def read_rgb(path: Path) -> Image.Image:
-    """Read an image as 8-bit RGB: greyscale, palette, RGBA and 16-bit images are converted.
+    """Read an image as 8-bit RGB, oriented as its EXIF tag says (as a viewer shows it):
+    greyscale, palette, RGBA and 16-bit images are converted (a 16-bit image by the bits its
+    values use, from 8 to 16: a 12-bit image in a 16-bit PNG keeps its contrast).
 
     Raises
     ------
@@ -180,9 +226,14 @@ def read_rgb(path: Path) -> Image.Image:
     try:
         with Image.open(path) as img:
             img.load()
+            img = ImageOps.exif_transpose(img)  # as a viewer shows it (phones, cameras)
             if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):  # 16-bit greyscale
-                arr = np.asarray(img, dtype=np.float64) / 257.0
-                img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+                arr = np.asarray(img, dtype=np.float64)
+                # the bits in use: a 12-bit sensor's values (up to 4095) in a 16-bit PNG span
+                # 0-255 like a 16-bit image's; dividing by 257 would leave them nearly black
+                bits = min(16, max(8, int(arr.max()).bit_length()))
+                arr = arr * 255.0 / (2**bits - 1)
+                img = Image.fromarray(np.clip(arr, 0, 255).round().astype(np.uint8))
             elif img.mode == "F":
                 arr = np.asarray(img, dtype=np.float64)
                 img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
@@ -285,7 +336,7 @@ def load_masks(images: ImageSet, resize: int = 256, crop: int | None = 224) -> n
         mask = _read_mask(mask_path)
         try:
             with Image.open(path) as img:
-                size = img.size
+                size = ImageOps.exif_transpose(img).size if _rotated(img) else img.size
         except Exception as err:
             raise ValueError(_unreadable("image", path, err)) from err
         if mask.shape[::-1] != size:
@@ -308,12 +359,30 @@ def load_masks(images: ImageSet, resize: int = 256, crop: int | None = 224) -> n
     return out
 
 
+def _rotated(img: Image.Image) -> bool:
+    """Whether an image's EXIF orientation tag turns or flips it."""
+    return img.getexif().get(ORIENTATION, 1) != 1
+
+
+ORIENTATION = 0x0112  # the EXIF orientation tag
+
+
 def _read_mask(path: Path) -> np.ndarray:
-    """A mask file as a boolean (H, W) array: value >= half the mask's maximum."""
+    """A mask file as a boolean (H, W) array: value >= half the mask's maximum, EXIF-oriented.
+
+    An RGBA (or LA) mask whose colour channels are flat (one value everywhere) keeps its defect
+    in the alpha channel, and is read from it."""
     try:
         with Image.open(path) as m:
             m.load()
-            arr = np.asarray(m.convert("RGB") if m.mode not in ("L", "1", "I", "I;16") else m)
+            m = ImageOps.exif_transpose(m)
+            if m.mode in ("RGBA", "LA", "PA") or (m.mode == "P" and "transparency" in m.info):
+                rgba = np.asarray(m.convert("RGBA"))
+                colour = rgba[..., :3]
+                flat = (colour == colour.reshape(-1, 3)[0]).all()
+                arr = rgba[..., 3] if flat else colour
+            else:
+                arr = np.asarray(m.convert("RGB") if m.mode not in ("L", "1", "I", "I;16") else m)
     except Exception as err:
         raise ValueError(_unreadable("mask", path, err)) from err
     level = arr.max(axis=-1) if arr.ndim == 3 else arr
