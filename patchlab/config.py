@@ -7,7 +7,9 @@ the registries that own them (backbones, methods, kNN engine, image scores).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import math
+import numbers
+from dataclasses import asdict, dataclass, field, fields
 
 from patchlab.backbones import BACKBONES, get_backbone
 from patchlab.data import SETTINGS
@@ -154,6 +156,7 @@ class RunConfig:
     )
 
     def __post_init__(self) -> None:
+        self._check_numbers()
         if self.setting not in SETTINGS or self.bank_setting not in (None, *SETTINGS):
             raise ValueError(f"setting and bank_setting must be one of {', '.join(SETTINGS)}")
         if self.exclude not in EXCLUDE_MODES:
@@ -185,6 +188,23 @@ class RunConfig:
             )
         if self.bank_setting is not None:
             self._check_one_class()
+
+    def _check_numbers(self) -> None:
+        """Every int field an integer (not a bool, float or string), every float field a
+        finite number: a clear error naming the field before any other check."""
+        for f in fields(self):
+            value, kind = getattr(self, f.name), str(f.type)
+            if value is None and "None" in kind:
+                continue
+            if kind.startswith("int"):
+                if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                    raise ValueError(
+                        f"{f.name} must be an integer, got {value!r} ({type(value).__name__})"
+                    )
+            elif kind.startswith("float"):
+                number = isinstance(value, numbers.Real) and not isinstance(value, bool)
+                if not number or not math.isfinite(value):
+                    raise ValueError(f"{f.name} must be a finite number, got {value!r}")
 
     def _check_sizes(self) -> None:
         for name in ("rscin", "local_sizes"):

@@ -355,3 +355,34 @@ def test_an_unknown_method_option_is_an_error_not_dropped():
         score_patches(
             "spade", ScoringInputs(feats, global_features=torch.randn(4, 2)), 1, ratio=0.5
         )
+
+
+# --- numeric options: type and finiteness at the boundary (issue 21) ---------------------------
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("k", 2.5, "k must be an integer, got 2.5 (float)"),
+        ("k", "5", "k must be an integer, got '5' (str)"),
+        ("k", True, "k must be an integer, got True (bool)"),
+        ("k_max", 30.0, "k_max must be an integer"),
+        ("sigma", float("nan"), "sigma must be a finite number, got nan"),
+        ("sigma", float("inf"), "sigma must be a finite number, got inf"),
+        ("coreset", "0.5", "coreset must be a finite number"),
+    ],
+)
+def test_run_config_names_a_bad_number(field, value, message):
+    """Before: k=2.5 was accepted and failed later naming `b`; k='5' raised a bare TypeError;
+    sigma=nan wrote invalid JSON."""
+    from patchlab.config import RunConfig
+
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        RunConfig(data="x", **{field: value})
+    assert RunConfig(data="x", k=np.int64(5), sigma=np.float32(2.0)).k == 5  # numpy numbers
+
+
+def test_cli_refuses_sigma_nan(demo, tmp_path, capsys):
+    assert run_cli(demo, tmp_path / "out", "--sigma", "nan") != 0
+    assert "sigma must be a finite number, got nan" in one_line_error(capsys)
+    assert not (tmp_path / "out" / "metrics.json").exists()
