@@ -13,13 +13,55 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no lock
+    fcntl = None
 
 import numpy as np
 
 from patchlab.experiment import Result
 
 OUTPUT_FILES = ("metrics.json", "image_scores.csv", "maps.npz", "report.html", "overlays")
+_HELD: dict[Path, int] = {}  # the --out folders whose lock this process holds
+
+
+@contextmanager
+def out_lock(out: str | Path) -> Iterator[None]:
+    """One run per ``out`` at a time: an exclusive lock on ``.<name>.lock`` beside it, held
+    from the checks before the work to the last rename (the kernel drops it when the process
+    ends, killed too). Re-entrant within a process.
+
+    Raises
+    ------
+    ValueError
+        When another process holds it, naming ``out``: before any work, never after it.
+    """
+    out = Path(out).absolute()
+    if out in _HELD or fcntl is None:
+        yield
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out.parent / f".{out.name}.lock", os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ValueError(
+            f"another patchlab run is writing to --out {out}; wait for it to finish or choose "
+            "another folder"
+        ) from None
+    _HELD[out] = fd
+    try:
+        yield
+    finally:
+        del _HELD[out]
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
 
 
 def check_out(out: str | Path) -> Path:
@@ -62,8 +104,13 @@ def save_result(
 ) -> Path:
     """Write ``metrics.json``, ``image_scores.csv`` and ``maps.npz`` (and, with ``report``,
     ``report.html`` and ``overlays/``, :mod:`patchlab.report`) into ``out``, as one set."""
-    out = check_out(out)
-    _clean_leftovers(out)
+    with out_lock(out):
+        return _save(result, check_out(out), report, progress)
+
+
+def _save(result: Result, out: Path, report: bool, progress: bool) -> Path:
+    """:func:`save_result` with the lock held."""
+    _clean_leftovers(out)  # only this process writes beside out now
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.new-"))
     umask = os.umask(0)
     os.umask(umask)

@@ -386,3 +386,31 @@ def test_cli_refuses_sigma_nan(demo, tmp_path, capsys):
     assert run_cli(demo, tmp_path / "out", "--sigma", "nan") != 0
     assert "sigma must be a finite number, got nan" in one_line_error(capsys)
     assert not (tmp_path / "out" / "metrics.json").exists()
+
+
+def test_a_second_run_into_the_same_out_stops_before_its_work(demo, tmp_path, capsys):
+    """Before: two runs into one --out at once, one always failed after all its work (the
+    other's clean-up removed its temporary folder). Now the second stops at once, and the lock
+    goes with the process that held it."""
+    out = tmp_path / "out"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from patchlab.outputs import out_lock\n"
+            f"with out_lock({str(out)!r}):\n    print('held', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        t = time.perf_counter()
+        assert run_cli(demo, out) != 0
+        assert "another patchlab run is writing to --out" in one_line_error(capsys)
+        assert time.perf_counter() - t < 5 and not out.exists()  # before any feature work
+    finally:
+        holder.kill()
+        holder.wait()
+    assert run_cli(demo, out) == 0  # killed: its lock is gone with it
+    assert (out / "metrics.json").is_file()
