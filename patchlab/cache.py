@@ -50,6 +50,27 @@ def cache_folder(cache_dir: str | Path | None) -> Path:
     return Path(cache_dir) if cache_dir is not None else default_cache_dir()
 
 
+def check_cache_folder(folder: Path) -> Path:
+    """``folder`` once it is known to be a writable folder (created if missing): checked before
+    any work, so that a bad cache fails in a second, not after the feature extraction.
+
+    Raises
+    ------
+    ValueError
+        Naming the cache folder, why, and what to do.
+    """
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".check-"):
+            pass
+    except OSError as err:
+        raise ValueError(
+            f"the cache folder {folder} cannot be used ({err.strerror or err}); pass --cache-dir "
+            "(or set $PATCHLAB_CACHE) to a writable folder"
+        ) from err
+    return folder
+
+
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """``"auto"`` is CUDA when available, else the CPU."""
     if str(device) == "auto":
@@ -160,6 +181,9 @@ def atomic_save(path: Path, **arrays: np.ndarray) -> None:
     """Write one array (``.npy``) or several (``.npz``) through a temporary file and a rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's file is private; a shared cache is not
     try:
         with os.fdopen(fd, "wb") as f:
             if path.suffix == ".npy":
@@ -168,6 +192,12 @@ def atomic_save(path: Path, **arrays: np.ndarray) -> None:
             else:
                 np.savez(f, **arrays)
         os.replace(tmp, path)
+    except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
+        raise OSError(
+            f"cannot write the cache file {path} ({err.strerror or err}); free space there, "
+            "or pass --cache-dir (or set $PATCHLAB_CACHE) to another folder"
+        ) from err
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

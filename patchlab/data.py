@@ -113,6 +113,8 @@ def load_mvtec(root: str | Path, category: str | None = None, setting: str = "te
     if not (folder / "test").is_dir() and setting != "train":
         found = sorted(p.name for p in folder.iterdir() if (p / "test").is_dir())
         hint = f"pass --category, one of {found}" if found else "is it an MVTec AD category?"
+        if not found and _image_files(folder, recursive=True):
+            hint = "it holds images: pass --unlabeled to rank a plain folder of images"
         raise FileNotFoundError(f"{folder} has no test/ folder; {hint}")
 
     parts: list[tuple[Path, str]] = []  # (folder of images, defect type)

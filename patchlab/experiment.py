@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from patchlab.bank import feature_settings, neighbour_table
-from patchlab.cache import cache_folder, remove_orphans, resolve_device
+from patchlab.cache import cache_folder, check_cache_folder, remove_orphans, resolve_device
 from patchlab.config import RunConfig
 from patchlab.data import ImageSet, load_folder, load_masks, load_mvtec
 from patchlab.features import extract_features
@@ -109,7 +109,8 @@ def prepare(
         seconds[stage] = round(now - clock, 3)
         clock = now
 
-    remove_orphans(cache_folder(config.cache_dir))  # temporary files of killed writes
+    cache = check_cache_folder(cache_folder(config.cache_dir))  # before the work, not after
+    remove_orphans(cache)  # temporary files of killed writes
     images = load_images(config)
     masks = load_masks(images, config.resize, config.crop)
     lap("load")

@@ -414,3 +414,33 @@ def test_a_second_run_into_the_same_out_stops_before_its_work(demo, tmp_path, ca
         holder.wait()
     assert run_cli(demo, out) == 0  # killed: its lock is gone with it
     assert (out / "metrics.json").is_file()
+
+
+def test_a_cache_folder_that_is_a_file_fails_before_the_work(demo, tmp_path, capsys):
+    """Before: the run failed only after the feature extraction, with a bare OS message."""
+    cache = tmp_path / "cache"
+    cache.write_text("not a folder")
+    t = time.perf_counter()
+    assert run_cli(demo, tmp_path / "out", "--cache-dir", str(cache)) != 0
+    err = one_line_error(capsys)
+    assert f"the cache folder {cache} cannot be used" in err and "--cache-dir" in err
+    assert time.perf_counter() - t < 10
+
+
+def test_cache_files_are_readable_like_run_folders(demo, tmp_path):
+    """Before: cache files were created 0600 (mkstemp), so a shared cache broke."""
+    old = os.umask(0o022)
+    try:
+        assert run_cli(demo, tmp_path / "out", "--cache-dir", str(tmp_path / "cache")) == 0
+    finally:
+        os.umask(old)
+    files = list((tmp_path / "cache").glob("*.np*"))
+    assert files and all(p.stat().st_mode & 0o777 == 0o644 for p in files)
+
+
+def test_a_plain_image_folder_without_unlabeled_suggests_it(tmp_path, capsys):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / "a.png")
+    assert main(["run", str(folder), "--out", str(tmp_path / "out"), "--quiet"]) != 0
+    assert "pass --unlabeled to rank a plain folder of images" in one_line_error(capsys)
