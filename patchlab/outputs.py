@@ -45,7 +45,7 @@ def out_lock(out: str | Path) -> Iterator[None]:
     if out in _HELD or fcntl is None:
         yield
         return
-    out.parent.mkdir(parents=True, exist_ok=True)
+    check_out(out)  # a usable folder path, its parent created and writable
     fd = os.open(out.parent / f".{out.name}.lock", os.O_RDWR | os.O_CREAT, 0o666)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
