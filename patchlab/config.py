@@ -109,7 +109,10 @@ class RunConfig:
     category: str | None = option(None, "category folder under DATA")
     setting: str = option("test", "images that form the set (blind: and the bank)", SETTINGS)
     bank_setting: str | None = option(
-        None, "images that form the bank when not the set: train = one-class", SETTINGS
+        None,
+        "images that form the bank when not the set: train = one-class (default: the set "
+        "itself, blind)",
+        SETTINGS,
     )
     unlabeled: bool = option(False, "DATA is a plain image folder (no labels, no metrics)")
     # the defaults of method, image_score, rscin and local_sizes were chosen on real data
@@ -147,12 +150,16 @@ class RunConfig:
     )
     device: str = option("auto", "auto, cpu or cuda")
     batch_size: int = option(16, "images per backbone forward pass")
-    cache_dir: str | None = option(None, "cache folder (default $PATCHLAB_CACHE)")
+    cache_dir: str | None = option(
+        None, "cache folder (default $PATCHLAB_CACHE, else ~/.cache/patchlab)"
+    )
     coreset: float = option(1.0, "memory bank fraction in (0, 1] (greedy coreset below 1)")
     k_img: int = option(50, "SPADE: nearest images")
     mutual_ratio: float = option(0.3, "mutual scoring: share of images")
     scheduler: str | None = option(
-        None, "Dask scheduler address, or 'local' for a LocalCluster here (features, neighbours)"
+        None,
+        "Dask scheduler address, or 'local' for a LocalCluster here (features, neighbours); "
+        "default: none, all in this process",
     )
 
     def __post_init__(self) -> None:

@@ -112,6 +112,12 @@ def prepare(
     cache = check_cache_folder(cache_folder(config.cache_dir))  # before the work, not after
     remove_orphans(cache)  # temporary files of killed writes
     images = load_images(config)
+    if len(images) == 1:
+        warnings.warn(
+            f"{images.name} holds one image: blind detection compares its patches with each "
+            "other only, so a defect that fills much of it scores low; add more images",
+            stacklevel=2,
+        )
     masks = load_masks(images, config.resize, config.crop)
     lap("load")
     method = get_method(config.method)

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,6 +26,7 @@ except ImportError:  # pragma: no cover - Windows: no lock
 import numpy as np
 
 from patchlab.experiment import Result
+from patchlab.report import REPORT_LEFTOVER
 
 OUTPUT_FILES = ("metrics.json", "image_scores.csv", "maps.npz", "report.html", "overlays")
 _HELD: dict[Path, int] = {}  # the --out folders whose lock this process holds
@@ -82,7 +84,11 @@ def check_out(out: str | Path) -> Path:
         if parent.exists() and not parent.is_dir():
             raise ValueError(f"--out {out}: {parent} is a file; choose a folder path")
     if out.is_dir():
-        foreign = sorted(p.name for p in out.iterdir() if p.name not in OUTPUT_FILES)
+        foreign = sorted(
+            p.name
+            for p in out.iterdir()
+            if p.name not in OUTPUT_FILES and not p.name.startswith(REPORT_LEFTOVER)
+        )
         if foreign:
             raise ValueError(
                 f"--out {out} holds other files ({', '.join(foreign[:3])}); a run replaces its "
@@ -103,7 +109,10 @@ def save_result(
     result: Result, out: str | Path, report: bool = False, progress: bool = False
 ) -> Path:
     """Write ``metrics.json``, ``image_scores.csv`` and ``maps.npz`` (and, with ``report``,
-    ``report.html`` and ``overlays/``, :mod:`patchlab.report`) into ``out``, as one set."""
+    ``report.html`` and ``overlays/``, :mod:`patchlab.report`) into ``out``, as one set.
+
+    A report of the run replaced is not dropped: it is drawn again for the new run (with a
+    warning saying so), so ``out`` never holds a report of other results, nor loses one."""
     with out_lock(out):
         return _save(result, check_out(out), report, progress)
 
@@ -111,6 +120,12 @@ def save_result(
 def _save(result: Result, out: Path, report: bool, progress: bool) -> Path:
     """:func:`save_result` with the lock held."""
     _clean_leftovers(out)  # only this process writes beside out now
+    if not report and (out / "report.html").is_file():
+        warnings.warn(
+            f"{out} held a report of the run it replaces: drawing it again for this run",
+            stacklevel=3,
+        )
+        report = True
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.new-"))
     umask = os.umask(0)
     os.umask(umask)
@@ -142,6 +157,8 @@ def _clean_leftovers(out: Path) -> None:
         shutil.rmtree(left, ignore_errors=True)
     for left in out.parent.glob(f".{out.name}.new-*"):
         shutil.rmtree(left, ignore_errors=True)
+    for left in out.glob(f"{REPORT_LEFTOVER}*") if out.is_dir() else ():
+        shutil.rmtree(left, ignore_errors=True)  # a killed `patchlab report`'s folder
 
 
 def _write(result: Result, folder: Path) -> tuple[dict, dict]:

@@ -30,6 +30,8 @@ from tqdm.auto import tqdm
 from patchlab.metrics import pixel_roc_curve, pro_curve, roc_curve
 from patchlab.viz import map_range
 
+REPORT_LEFTOVER = ".report-"  # the prefix of a report drawn beside a run (a killed one's stays)
+
 N_SHOW = 8  # images in the report and its overlays, most anomalous first
 CYAN = np.array([0, 255, 255], np.uint8)
 
@@ -96,7 +98,7 @@ def report_from_folder(folder: str | Path, progress: bool = True) -> list[Path]:
     except (ValueError, UnicodeDecodeError) as err:
         raise ValueError(f"{folder / 'metrics.json'} is not valid JSON ({err})") from None
     # drawn beside the run, then moved in: a killed report leaves the old one or none
-    tmp = Path(tempfile.mkdtemp(dir=folder, prefix=".report-"))
+    tmp = Path(tempfile.mkdtemp(dir=folder, prefix=REPORT_LEFTOVER))
     try:
         write_report(tmp, maps, metrics, progress)
         shutil.rmtree(folder / "overlays", ignore_errors=True)

@@ -444,3 +444,45 @@ def test_a_plain_image_folder_without_unlabeled_suggests_it(tmp_path, capsys):
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / "a.png")
     assert main(["run", str(folder), "--out", str(tmp_path / "out"), "--quiet"]) != 0
     assert "pass --unlabeled to rank a plain folder of images" in one_line_error(capsys)
+
+
+def test_a_killed_report_leftover_does_not_block_the_next_run(demo, tmp_path):
+    """Before: a killed `patchlab report` left .report-* in the run folder, and every later
+    run into it refused ("holds other files")."""
+    out = tmp_path / "out"
+    assert run_cli(demo, out) == 0
+    (out / ".report-x1y2").mkdir()
+    (out / ".report-x1y2" / "report.html").write_text("half")
+    assert run_cli(demo, out, "--k", "4") == 0
+    assert not list(out.glob(".report-*"))
+
+
+def test_a_rerun_keeps_the_report_drawn_for_its_results(demo, tmp_path):
+    """Before: re-running into an --out that held a report deleted the report without a word.
+    Now it is drawn again, for the new results."""
+    out = tmp_path / "out"
+    assert run_cli(demo, out, "--report") == 0
+    first = (out / "report.html").read_text()
+    with pytest.warns(UserWarning, match="held a report of the run it replaces"):
+        assert run_cli(demo, out, "--k", "4") == 0
+    second = (out / "report.html").read_text()
+    assert second != first and json.loads((out / "metrics.json").read_text())["config"]["k"] == 4
+    assert list((out / "overlays").glob("*.png"))
+
+
+def test_a_one_image_run_warns(demo, tmp_path):
+    folder = tmp_path / "one"
+    folder.mkdir()
+    shutil.copy(next((demo / "brick" / "test" / "good").iterdir()), folder / "a.png")
+    one = ["run", str(folder), "--unlabeled", "--method", "patchcluster", "--rscin"]
+    with pytest.warns(UserWarning, match="holds one image"):
+        assert main([*one, "--k", "3", "--quiet", "--out", str(tmp_path / "out")]) == 0
+
+
+def test_help_shows_the_defaults_of_none_options(capsys):
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "default: the set itself, blind" in text
+    assert "default $PATCHLAB_CACHE, else ~/.cache/patchlab" in text
+    assert "default: none, all in this process" in text
