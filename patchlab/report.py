@@ -85,8 +85,10 @@ def report_from_folder(folder: str | Path, progress: bool = True) -> list[Path]:
     try:
         with np.load(folder / "maps.npz") as z:
             maps = {key: z[key] for key in z.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
-        raise ValueError(f"{folder / 'maps.npz'} cannot be read ({err}); run again") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, AttributeError) as err:
+        # np.load reads what is not a zip archive as a pickle, and refuses it by saying so
+        why = "not an .npz archive" if "pickle" in str(err) or not str(err) else str(err)
+        raise ValueError(f"{folder / 'maps.npz'} cannot be read ({why}); run again") from None
     missing = {"maps", "masks", "labels", "image_scores", "paths", "shown", "shown_images"}
     if missing - set(maps):
         raise ValueError(
@@ -97,6 +99,16 @@ def report_from_folder(folder: str | Path, progress: bool = True) -> list[Path]:
         metrics = json.loads((folder / "metrics.json").read_text())
     except (ValueError, UnicodeDecodeError) as err:
         raise ValueError(f"{folder / 'metrics.json'} is not valid JSON ({err})") from None
+    if not isinstance(metrics, dict) or not isinstance(metrics.get("config", {}), dict):
+        raise ValueError(
+            f"{folder / 'metrics.json'} holds {type(metrics).__name__}, not a run's metrics "
+            "(a JSON object); run the command again"
+        )
+    shown, n = np.asarray(maps["shown"]), len(np.asarray(maps["paths"]))
+    if shown.ndim != 1 or shown.dtype.kind not in "iu" or ((shown < 0) | (shown >= n)).any():
+        raise ValueError(
+            f"{folder / 'maps.npz'}: 'shown' must index its {n} images; run the command again"
+        )
     # drawn beside the run, then moved in: a killed report leaves the old one or none
     tmp = Path(tempfile.mkdtemp(dir=folder, prefix=REPORT_LEFTOVER))
     try:

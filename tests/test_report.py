@@ -174,6 +174,10 @@ def test_report_of_a_folder_without_a_run_names_it(tmp_path, capsys):
     [
         ("maps.npz", b"PK\x03\x04 truncated", "maps.npz cannot be read"),
         ("metrics.json", b'{"image_auroc": 1.0,', "metrics.json is not valid JSON"),
+        # issue 21: before, a Python traceback, or a message about allow_pickle
+        ("metrics.json", b"[1, 2]", "metrics.json holds list, not a run's metrics"),
+        ("metrics.json", b"null", "metrics.json holds NoneType, not a run's metrics"),
+        ("maps.npz", bytes(range(256)) * 8, "maps.npz cannot be read (not an .npz archive)"),
     ],
 )
 def test_report_of_a_damaged_run_names_the_file(
@@ -187,3 +191,17 @@ def test_report_of_a_damaged_run_names_the_file(
     assert main(["report", str(out), "--quiet"]) == 2
     assert message in capsys.readouterr().err
     assert not (out / "report.html").exists() and not list(out.glob(".report-*"))
+
+
+def test_report_with_shown_indices_out_of_range_names_the_file(reported_run, tmp_path, capsys):
+    """Issue 21: before, an IndexError traceback."""
+    out = tmp_path / "copy"
+    out.mkdir()
+    (out / "metrics.json").write_bytes((reported_run / "metrics.json").read_bytes())
+    with np.load(reported_run / "maps.npz") as z:
+        maps = {key: z[key] for key in z.files}
+    maps["shown"] = np.array([0, len(maps["paths"]) + 5])
+    np.savez(out / "maps.npz", **maps)
+    assert main(["report", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "'shown' must index its" in err
