@@ -157,13 +157,14 @@ def load_folder(root: str | Path) -> ImageSet:
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {root} does not exist; check the path")
-    skipped = sorted(_not_images(root))
-    files = [p for p in _image_files(root, recursive=True) if not _under(p, skipped)]
+    entries = sorted(root.rglob("*"))  # one walk of the folder
+    skipped = _not_images(p for p in entries if p.is_dir())
+    kept = [p for p in entries if not _under(p, skipped)]
+    files = [p for p in _images_among(entries) if not _under(p, skipped)]
     if not files:
         raise FileNotFoundError(f"{root} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-    kept = set(files)
-    others = [p for p in root.rglob("*") if p.is_file() and p not in kept]
-    others = [p for p in others if not _under(p, skipped)]
+    chosen = set(files)
+    others = [p for p in kept if p.is_file() and p not in chosen]
     if skipped:
         names = ", ".join(str(p.relative_to(root)) for p in skipped[:3])
         warnings.warn(
@@ -182,11 +183,11 @@ def load_folder(root: str | Path) -> ImageSet:
 RUN_FILES = ("image_scores.csv", "maps.npz")  # a folder holding one is a patchlab run folder
 
 
-def _not_images(root: Path) -> list[Path]:
-    """Folders under root whose files are not images to rank: MVTec mask folders and patchlab
-    run folders (their overlays and report), outermost first."""
+def _not_images(folders) -> list[Path]:
+    """Of ``folders`` (sorted), those whose files are not images to rank: MVTec mask folders
+    and patchlab run folders (their overlays and report), outermost first."""
     found = []
-    for folder in sorted(p for p in root.rglob("*") if p.is_dir()):
+    for folder in folders:
         if _under(folder, found):
             continue
         if folder.name == "ground_truth" or any((folder / f).is_file() for f in RUN_FILES):
@@ -199,10 +200,15 @@ def _under(path: Path, folders: list[Path]) -> bool:
 
 
 def _image_files(folder: Path, recursive: bool) -> list[Path]:
-    """Image files in folder (sorted); a link that points nowhere is an error, and macOS
-    resource forks (``._name.png``) are not images."""
+    """Image files in folder (sorted): :func:`_images_among` its entries."""
+    return _images_among(folder.rglob("*") if recursive else folder.iterdir())
+
+
+def _images_among(paths) -> list[Path]:
+    """The image files among ``paths``, sorted; a link that points nowhere is an error, and
+    macOS resource forks (``._name.png``) are not images."""
     found = []
-    for p in folder.rglob("*") if recursive else folder.iterdir():
+    for p in paths:
         if p.suffix.lower() not in IMAGE_SUFFIXES or p.name.startswith("._"):
             continue
         if p.is_symlink() and not p.exists():
@@ -338,7 +344,7 @@ def load_masks(images: ImageSet, resize: int = 256, crop: int | None = 224) -> n
         mask = _read_mask(mask_path)
         try:
             with Image.open(path) as img:
-                size = ImageOps.exif_transpose(img).size if _rotated(img) else img.size
+                size = img.size[::-1] if _turned(img) else img.size  # as shown
         except Exception as err:
             raise ValueError(_unreadable("image", path, err)) from err
         if mask.shape[::-1] != size:
@@ -361,12 +367,13 @@ def load_masks(images: ImageSet, resize: int = 256, crop: int | None = 224) -> n
     return out
 
 
-def _rotated(img: Image.Image) -> bool:
-    """Whether an image's EXIF orientation tag turns or flips it."""
-    return img.getexif().get(ORIENTATION, 1) != 1
+ORIENTATION = 0x0112  # the EXIF orientation tag; its values 5 to 8 turn the image a quarter
 
 
-ORIENTATION = 0x0112  # the EXIF orientation tag
+def _turned(img: Image.Image) -> bool:
+    """Whether an image's EXIF orientation swaps its width and height (read from the tag,
+    without decoding the pixels)."""
+    return img.getexif().get(ORIENTATION, 1) in (5, 6, 7, 8)
 
 
 def _read_mask(path: Path) -> np.ndarray:
