@@ -177,13 +177,19 @@ def remove_orphans(folder: Path, older_than_s: float = 600.0) -> int:
     return removed
 
 
+def current_umask() -> int:
+    """The process's umask (read by setting it, then set back): what ``mkstemp``/``mkdtemp``
+    ignore and a shared folder needs."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 def atomic_save(path: Path, **arrays: np.ndarray) -> None:
     """Write one array (``.npy``) or several (``.npz``) through a temporary file and a rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's file is private; a shared cache is not
+    os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp's file is private; a shared cache is not
     try:
         with os.fdopen(fd, "wb") as f:
             if path.suffix == ".npy":

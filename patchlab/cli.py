@@ -172,8 +172,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from patchlab.outputs import check_out, out_lock, save_result
 
     config = _config(args)
+    check_out(args.out)  # a bad --out is found before the work, not after it
     with out_lock(args.out):  # one run per --out: a second one stops here, before its work
-        check_out(args.out)  # a bad --out is found before the work, not after it
         result = run(config, progress=not args.quiet)
         out = save_result(result, args.out, report=args.report, progress=not args.quiet)
     m = result.metrics

@@ -25,6 +25,7 @@ except ImportError:  # pragma: no cover - Windows: no lock
 
 import numpy as np
 
+from patchlab.cache import current_umask
 from patchlab.experiment import Result
 from patchlab.report import REPORT_LEFTOVER
 
@@ -35,8 +36,8 @@ _HELD: dict[Path, int] = {}  # the --out folders whose lock this process holds
 @contextmanager
 def out_lock(out: str | Path) -> Iterator[None]:
     """One run per ``out`` at a time: an exclusive lock on ``.<name>.lock`` beside it, held
-    from the checks before the work to the last rename (the kernel drops it when the process
-    ends, killed too). Re-entrant within a process.
+    from before the work to the last rename (the kernel drops it when the process ends, killed
+    too). Re-entrant within a process; ``out`` is checked by the caller (:func:`check_out`).
 
     Raises
     ------
@@ -47,7 +48,7 @@ def out_lock(out: str | Path) -> Iterator[None]:
     if out in _HELD or fcntl is None:
         yield
         return
-    check_out(out)  # a usable folder path, its parent created and writable
+    out.parent.mkdir(parents=True, exist_ok=True)  # callers have checked out (check_out)
     fd = os.open(out.parent / f".{out.name}.lock", os.O_RDWR | os.O_CREAT, 0o666)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -113,8 +114,9 @@ def save_result(
 
     A report of the run replaced is not dropped: it is drawn again for the new run (with a
     warning saying so), so ``out`` never holds a report of other results, nor loses one."""
+    out = check_out(out)  # at save time: the folder may have changed during the run
     with out_lock(out):
-        return _save(result, check_out(out), report, progress)
+        return _save(result, out, report, progress)
 
 
 def _save(result: Result, out: Path, report: bool, progress: bool) -> Path:
@@ -127,9 +129,7 @@ def _save(result: Result, out: Path, report: bool, progress: bool) -> Path:
         )
         report = True
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.new-"))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's folder is private; a run folder is not
+    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp's folder is private; a run folder is not
     try:
         arrays, record = _write(result, tmp)
         if report:
