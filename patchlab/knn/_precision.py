@@ -111,10 +111,11 @@ def bf16_pool(
     best = best[:, 1:]  # drop each row's smallest: the row itself when the bank holds it
     c_x, c_n = error_coefficients("bf16", bank.shape[1])
     f_k = best[:, k - 1].clamp_min(0).double()
-    reach = f_sq.double().sqrt() + f_k.sqrt()
-    err = c_x * f_sq.double().sqrt() * reach + c_n * (f_sq.double() + reach**2)
-    reach = f_sq.double().sqrt() + (f_k + err).sqrt()
-    err = c_x * f_sq.double().sqrt() * reach + c_n * (f_sq.double() + reach**2)
+    f_sq = f_sq.double()
+    err = torch.zeros_like(f_k)
+    for _ in range(2):  # reach from F_k, then from F_k + err (a nearer neighbour's farthest)
+        reach = f_sq.sqrt() + (f_k + err).sqrt()
+        err = c_x * f_sq.sqrt() * reach + c_n * (f_sq + reach**2)
     need = (best.double() <= (f_k + 2 * err)[:, None]).sum(1) - k
     return int(min(cap, max(8, torch.quantile(need.double(), quantile).ceil())))
 
