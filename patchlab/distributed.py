@@ -29,7 +29,11 @@ the buffers' alignment), as two local runs with other thread counts do.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import signal
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -60,7 +64,8 @@ def connect(scheduler: str):
     if client is not None and client.status == "running":
         return client
     if scheduler == "local":
-        client = Client(local_cluster())
+        with _ctrl_c_ignored():  # the workers inherit it: Ctrl-C reaches only this process
+            client = Client(local_cluster())
     else:
         try:
             client = Client(scheduler, timeout="10s")
@@ -100,7 +105,39 @@ def local_cluster(n_workers: int | None = None):
             processes=True,
             host="127.0.0.1",
             dashboard_address="127.0.0.1:0",
+            preload=["patchlab.distributed"],  # dask_setup below, in each worker process
+            # the workers' warnings stay quiet (a task cancelled by Ctrl-C printed one); their
+            # errors are shown, and a failed task's exception reaches the caller anyway
+            silence_logs=logging.ERROR,
         )
+
+
+def dask_setup(worker) -> None:
+    """Run by Dask in each worker process of :func:`local_cluster` as it starts (a preload).
+
+    The workers share the terminal's process group, so Ctrl-C reaches them too: each printed
+    its own traceback (70-96 lines after the CLI's one-line message). They ignore it instead;
+    the process the user started handles Ctrl-C and closes the cluster (:func:`close_all`)."""
+    if threading.current_thread() is threading.main_thread():  # signal's own requirement
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def _ctrl_c_ignored():
+    """SIGINT ignored while the block runs (in the main thread; elsewhere nothing changes).
+
+    Processes started meanwhile inherit the ignored signal (a blocked one does not survive
+    multiprocessing's spawn), so the workers' start-up imports do not each print a
+    traceback when the user presses Ctrl-C; a Ctrl-C in these seconds is lost, the next one
+    stops the run. A worker the nanny starts later ignores it through :func:`dask_setup`."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def _usable_cores() -> int:
