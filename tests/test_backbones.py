@@ -186,3 +186,28 @@ def test_lite0_normalisation_is_tensorflows():
     img = Image.fromarray(np.full((4, 4, 3), [0, 127, 255], np.uint8))
     x = preprocess(img, 4, None, spec.mean, spec.std)
     torch.testing.assert_close(x[:, 0, 0], torch.tensor([-127 / 128, 0.0, 1.0]))
+
+
+def test_lite0_runs_without_torchvision(tmp_path):
+    """A CPU-only torch (from PyTorch's CPU index, or this machine's disk) may have no
+    torchvision built for it (PyPI's fails to import beside it): the default backbone, the
+    CLI and the widgets' modules never import it; WideResNet-50-2 says what to install."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys; sys.modules['torchvision'] = None\n"  # `import torchvision` now fails
+        "import patchlab.cli, patchlab.experiment, patchlab.report\n"
+        "from patchlab.backbones import build_backbone\n"
+        "import torch\n"
+        "net = build_backbone('efficientnet_lite0', 'imagenet')\n"
+        "assert [t.shape[1] for t in net.taps(torch.zeros(1, 3, 64, 64))] == [40, 112]\n"
+        "try:\n"
+        "    build_backbone('wide_resnet50_2', 'none')\n"
+        "except RuntimeError as err:\n"
+        "    print(err)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("wide_resnet50_2 needs torchvision, which could not be imported")
+    assert "--backbone efficientnet_lite0" in out.stdout
