@@ -27,10 +27,11 @@ from sklearn.datasets import load_sample_image
 
 from patchlab.backbones import BACKBONES, EfficientNetLite0Taps, build_backbone
 from patchlab.config import RunConfig
-from patchlab.data import load_masks, load_mvtec, preprocess, read_rgb
+from patchlab.data import load_mvtec
 from patchlab.demo import DEMO_CATEGORIES, demo_path, make_demo_data
 from patchlab.experiment import rescore
 from patchlab.features import aggregate
+from patchlab.images import load_masks, preprocess, read_rgb
 from patchlab.knn import knn
 from patchlab.methods import ScoringInputs
 

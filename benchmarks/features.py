@@ -20,9 +20,10 @@ import time
 import torch
 
 from patchlab.backbones import BACKBONES, build_backbone, get_backbone
-from patchlab.data import load_mvtec, preprocess, read_rgb
+from patchlab.data import load_mvtec
 from patchlab.demo import demo_path, make_demo_data
 from patchlab.features import aggregate
+from patchlab.images import preprocess, read_rgb
 
 
 def measure(name: str, n: int, batch_size: int) -> dict:

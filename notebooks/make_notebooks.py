@@ -91,8 +91,9 @@ $\\mathcal{M} = \\{ f_i(h, w) \\},\\ i = 1..n,\\ h, w = 1..28$."""),
 import torch
 
 from patchlab.backbones import build_backbone, get_backbone
-from patchlab.data import load_display, load_mvtec, preprocess, read_rgb
+from patchlab.data import load_mvtec
 from patchlab.features import aggregate
+from patchlab.images import load_display, preprocess, read_rgb
 
 spec = get_backbone(config.backbone)    # taps, channels, input normalisation of the backbone
 images = load_mvtec(config.data, config.category, config.setting)
@@ -184,9 +185,10 @@ nearest coreset member. PatchCluster with a coreset scores with Eq. 2 against $\
 import torch
 
 from patchlab.coreset import greedy_coreset
-from patchlab.data import load_display, load_mvtec
+from patchlab.data import load_mvtec
 from patchlab.experiment import feature_options
 from patchlab.features import extract_features
+from patchlab.images import load_display
 from patchlab.knn import knn
 
 images = load_mvtec(config.data, config.category, config.setting)
@@ -602,7 +604,7 @@ import plotly.graph_objects as go
 from scipy import ndimage
 
 from patchlab import viz
-from patchlab.data import load_display
+from patchlab.images import load_display
 
 defective = [j for j in np.flatnonzero(images.labels == 1) if masks[j].any()]
 kept = [ndimage.binary_erosion(masks[j], iterations=3).sum() / masks[j].sum() for j in defective]

@@ -21,8 +21,9 @@ import torch
 from patchlab.bank import feature_settings, neighbour_table
 from patchlab.cache import cache_folder, check_cache_folder, remove_orphans, resolve_device
 from patchlab.config import RunConfig
-from patchlab.data import ImageSet, load_folder, load_masks, load_mvtec
+from patchlab.data import ImageSet, load_folder, load_mvtec
 from patchlab.features import extract_features
+from patchlab.images import load_masks
 from patchlab.maps import (
     IMAGE_SCORES,
     NEEDS_SUPPORT,

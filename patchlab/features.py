@@ -25,7 +25,8 @@ from tqdm.auto import tqdm
 
 from patchlab.backbones import build_backbone, get_backbone
 from patchlab.cache import atomic_save, cache_folder, feature_key, read_entry, resolve_device
-from patchlab.data import ImageSet, preprocess, read_rgb
+from patchlab.data import ImageSet
+from patchlab.images import preprocess, read_rgb
 
 
 def aggregate(taps: list[torch.Tensor], dim: int | None = None, local: int = 3) -> torch.Tensor:
@@ -92,7 +93,7 @@ def extract_features(
         uses to find each image's nearest images.
     backbone : a key of :data:`patchlab.backbones.BACKBONES`
     weights, seed : see :func:`patchlab.backbones.build_backbone`.
-    resize, crop : see :func:`patchlab.data.preprocess`.
+    resize, crop : see :func:`patchlab.images.preprocess`.
     local : int, odd
         Side of the locally aware neighbourhood (:func:`aggregate`; patch features only).
     batch_size : int

@@ -163,7 +163,7 @@ def _clean_leftovers(out: Path) -> None:
 
 def _write(result: Result, folder: Path) -> tuple[dict, dict]:
     """The three files; returns the arrays of ``maps.npz`` and the ``metrics.json`` record."""
-    from patchlab.data import load_display
+    from patchlab.images import load_display
     from patchlab.report import N_SHOW
 
     record = {**result.metrics, "config": result.config.to_dict()}

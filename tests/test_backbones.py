@@ -17,7 +17,7 @@ from patchlab.backbones import (
     get_backbone,
     weights_identity,
 )
-from patchlab.data import preprocess
+from patchlab.images import preprocess
 
 
 @pytest.fixture(scope="module")

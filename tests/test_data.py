@@ -6,15 +6,8 @@ import torch
 from conftest import SHARED_TILE
 from PIL import Image
 
-from patchlab.data import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    load_folder,
-    load_masks,
-    load_mvtec,
-    preprocess,
-    read_rgb,
-)
+from patchlab.data import load_folder, load_mvtec
+from patchlab.images import IMAGENET_MEAN, IMAGENET_STD, load_masks, preprocess, read_rgb
 
 
 def test_settings_on_demo(tiny_demo):

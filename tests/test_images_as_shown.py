@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from patchlab.data import load_folder, load_masks, load_mvtec, read_rgb
+from patchlab.data import load_folder, load_mvtec
+from patchlab.images import load_masks, read_rgb
 
 ROTATE_90_CW = 6  # EXIF orientation: the stored pixels are shown turned 90 degrees clockwise
 
@@ -77,7 +78,7 @@ def test_a_coloured_rgba_mask_keeps_its_colour_channels(tmp_path):
     rgba[..., 3] = 255  # opaque everywhere
     rgba[5:9, 10:20, :3] = 255  # the defect in colour
     Image.fromarray(rgba, "RGBA").save(tmp_path / "m.png")
-    from patchlab.data import _read_mask
+    from patchlab.images import _read_mask
 
     np.testing.assert_array_equal(_read_mask(tmp_path / "m.png"), rgba[..., 0] == 255)
 

@@ -18,7 +18,8 @@ import torch
 from PIL import Image
 
 from patchlab.cli import main
-from patchlab.data import load_masks, load_mvtec
+from patchlab.data import load_mvtec
+from patchlab.images import load_masks
 
 RUN = ["run", "--category", "brick", "--k", "3", "--quiet"]
 

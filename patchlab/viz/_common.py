@@ -33,7 +33,7 @@ def patch_crop(image: np.ndarray, row: int, col: int, size: int = 32) -> np.ndar
     Parameters
     ----------
     image : np.ndarray, shape (S, S, 3), uint8
-        The image as the model sees it (:func:`patchlab.data.load_display`).
+        The image as the model sees it (:func:`patchlab.images.load_display`).
     row, col : int
         Position on the feature grid (one step = 8 pixels).
 

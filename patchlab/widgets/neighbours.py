@@ -12,8 +12,8 @@ import numpy as np
 import plotly.graph_objects as go
 
 import patchlab.viz as viz
-from patchlab.data import load_display
 from patchlab.experiment import Result
+from patchlab.images import load_display
 from patchlab.widgets._base import Displays, replace_figure
 
 

@@ -21,8 +21,9 @@ import torch
 import patchlab.viz as viz
 from patchlab.backbones import BACKBONES
 from patchlab.config import RunConfig
-from patchlab.data import BLIND_SETTINGS, ImageSet, load_display
+from patchlab.data import BLIND_SETTINGS, ImageSet
 from patchlab.experiment import Result, prepare, rescore
+from patchlab.images import load_display
 from patchlab.maps import IMAGE_SCORES
 from patchlab.methods import ScoringInputs
 from patchlab.widgets._base import Displays
