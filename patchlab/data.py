@@ -133,6 +133,7 @@ def load_mvtec(root: str | Path, category: str | None = None, setting: str = "te
             labels.append(GOOD if kind == "good" else DEFECTIVE)
             masks.append(mask)
             types.append(kind)
+    _check_names([*paths, *(m for m in masks if m is not None)])
     name = f"{folder.name}/{setting}"
     return ImageSet(tuple(paths), np.array(labels, np.int8), tuple(masks), tuple(types), name)
 
@@ -169,8 +170,28 @@ def load_folder(root: str | Path) -> ImageSet:
         warnings.warn(
             f"{len(others)} non-image file(s) under {root} ignored, e.g. {others[0]}", stacklevel=2
         )
+    _check_names(files)
     n = len(files)
     return ImageSet(tuple(files), np.full(n, UNKNOWN, np.int8), (None,) * n, ("",) * n, root.name)
+
+
+def _check_names(paths: list[Path]) -> None:
+    """Refuse, before any work, paths that are not valid UTF-8 (bytes from another encoding,
+    e.g. Latin-1 names from an old system): a run writes its image names into UTF-8 files
+    (``image_scores.csv``, ``metrics.json``, the report) and failed there, after all its work,
+    naming no file. The message shows the bad bytes as ``\\xe9``."""
+    bad = []
+    for path in paths:
+        try:
+            str(path).encode("utf-8")
+        except UnicodeEncodeError:  # os.fsdecode kept the undecodable bytes as surrogates
+            bad.append(os.fsencode(path).decode("utf-8", "backslashreplace"))
+    if bad:
+        raise ValueError(
+            f"{len(bad)} file name(s) are not valid UTF-8, e.g. {bad[0]}; patchlab writes image "
+            "names into UTF-8 files (image_scores.csv, metrics.json, the report): rename them "
+            "(convmv -f latin1 -t utf-8 -r --notest FOLDER converts Latin-1 names) and run again"
+        )
 
 
 RUN_FILES = ("image_scores.csv", "maps.npz")  # a folder holding one is a patchlab run folder

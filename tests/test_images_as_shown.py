@@ -4,6 +4,8 @@ failed silently before (a wrong image, a wrong mask, extra images ranked, a file
 from __future__ import annotations
 
 import os
+import shutil
+import sys
 import warnings
 from pathlib import Path
 
@@ -130,3 +132,24 @@ def test_unlabeled_skips_masks_and_run_folders(tmp_path):
     ]
     text = " ".join(str(w.message) for w in caught)
     assert "2 folder(s)" in text and "ground_truth" in text and "run1" in text
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="file names as raw bytes: Linux")
+@pytest.mark.parametrize("layout", ["mvtec", "folder"])
+def test_a_file_name_that_is_not_utf8_is_named_before_the_work(tiny_demo, tmp_path, capsys, layout):
+    """A Latin-1 name (b"caf\\xe9.png") failed after the whole computation, naming no file, when
+    image_scores.csv was written. Now the run stops at once, naming it with its bad byte."""
+    from patchlab.cli import main
+
+    root = tmp_path / "data"
+    shutil.copytree(tiny_demo, root)
+    good = root / "brick" / "test" / "good"
+    first = sorted(good.iterdir())[0]
+    os.rename(os.fsencode(first), os.fsencode(good) + b"/caf\xe9.png")
+    args = [str(root), "--category", "brick"] if layout == "mvtec" else [str(good), "--unlabeled"]
+    cache = tmp_path / "cache"
+    code = main(["run", *args, "--quiet", "--cache-dir", str(cache), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "1 file name(s) are not valid UTF-8" in err and "good/caf\\xe9.png" in err
+    assert not any(cache.glob("features-*")), "the check comes before the feature extraction"
