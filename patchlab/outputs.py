@@ -169,17 +169,13 @@ def _write(result: Result, folder: Path) -> tuple[dict, dict]:
     record = {**result.metrics, "config": result.config.to_dict()}
     (folder / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")
     order = np.argsort(-result.image_scores, kind="stable")
+    labels = result.images.labels  # 1 defective, 0 good; -1 unknown: an empty cell
     with open(folder / "image_scores.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["path", "label", "score"])
         for i in order:
-            writer.writerow(
-                [
-                    str(result.images.paths[i]),
-                    int(result.images.labels[i]),
-                    f"{result.image_scores[i]:.6g}",
-                ]
-            )
+            label = "" if labels[i] < 0 else int(labels[i])
+            writer.writerow([str(result.images.paths[i]), label, f"{result.image_scores[i]:.6g}"])
     config = result.config
     shown = order[:N_SHOW]
     arrays = dict(

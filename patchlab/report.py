@@ -198,21 +198,26 @@ def _html(maps: dict, metrics: dict, shown: np.ndarray, pictures: np.ndarray) ->
         fig.to_html(full_html=False, include_plotlyjs=(j == 0)) for j, fig in enumerate(figures)
     ]
     config = metrics.get("config", {})
+    unlabelled = (labels < 0).all()  # a plain folder: no labels, so no AUROC or PRO to show
+    keys = ("n_images", "n_bank", "image_score")
+    keys = keys if unlabelled else ("image_auroc", "pixel_auroc", "pro", *keys)
     rows = "".join(
         f"<tr><th>{html.escape(str(key))}</th><td>{html.escape(_fmt(metrics.get(key)))}</td></tr>"
-        for key in ("image_auroc", "pixel_auroc", "pro", "n_images", "n_bank", "image_score")
+        for key in keys
     )
+    where = ("data",) if unlabelled else ("data", "category", "setting")
     settings = ", ".join(
-        f"{key}={config.get(key)}"
-        for key in ("data", "category", "setting", "method", "k", "backbone", "weights")
+        f"{key}={config.get(key)}" for key in (*where, "method", "k", "backbone", "weights")
     )
     # beyond the paper: shown where they changed the result
-    shown = {
+    extras = {
         "local_sizes": config.get("local_sizes", [3]) != [3],
         "rscin": bool(config.get("rscin")),
         "top_q": metrics.get("image_score") == "top",
     }
-    settings += "".join(f", {key}={config.get(key)}" for key, show in shown.items() if show)
+    settings += "".join(f", {key}={config.get(key)}" for key, show in extras.items() if show)
+    if unlabelled:
+        settings += ". An unlabelled folder: the images ranked by score, no AUROC or PRO"
     return (
         "<!DOCTYPE html><html><head><meta charset='utf-8'><title>patchlab report</title>"
         "<style>body{font-family:sans-serif;margin:1em}th{text-align:left;padding-right:1em}"

@@ -55,6 +55,7 @@ def test_run_writes_metrics_scores_and_maps(tiny_demo, tmp_path):
     )
     with open(out / "image_scores.csv") as f:
         rows = list(csv.DictReader(f))
+    assert {r["label"] for r in rows} == {"0", "1"}  # 1 defective, 0 good
     assert len(rows) == 9 and [float(r["score"]) for r in rows] == sorted(
         (float(r["score"]) for r in rows), reverse=True
     )
@@ -69,6 +70,8 @@ def test_run_on_an_unlabelled_folder(tiny_demo, tmp_path, capsys):
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["image_auroc"] is None and metrics["n_images"] == 6
     assert (np.load(tmp_path / "maps.npz")["labels"] == -1).all()
+    with open(tmp_path / "image_scores.csv") as f:  # no label: an empty cell, not -1
+        assert {row["label"] for row in csv.DictReader(f)} == {""}
 
 
 def test_demo_prints_a_table(tmp_path, monkeypatch, capsys):

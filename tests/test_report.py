@@ -158,9 +158,22 @@ def test_report_of_an_unlabelled_run_has_no_curves(tiny_demo, tmp_path):
         )
         == 0
     )
-    figures = plotly_figures((out / "report.html").read_text())
+    page = (out / "report.html").read_text()
+    figures = plotly_figures(page)
     assert len(figures) == 1 and len(figures[0]) == 3 * 3
     assert len(list((out / "overlays").glob("*.png"))) == 3
+    # said as an unlabelled folder: no MVTec setting or category, no rows of n/a metrics
+    head = page[page.index("<h1>") : page.index("<h2>")]  # the settings and the metrics
+    assert "An unlabelled folder: the images ranked by score, no AUROC or PRO" in head
+    assert "setting=" not in head and "category=" not in head and "n/a" not in head
+    assert "<h2>The 3 most anomalous images</h2>" in page  # was 3 for any run (a reused name)
+
+
+def test_report_heading_counts_the_images_shown(reported_run):
+    with np.load(reported_run / "maps.npz") as z:
+        n_shown = len(z["shown"])
+    page = (reported_run / "report.html").read_text()
+    assert n_shown != 3 and f"<h2>The {n_shown} most anomalous images</h2>" in page
 
 
 def test_report_of_a_folder_without_a_run_names_it(tmp_path, capsys):
