@@ -373,8 +373,8 @@ The widget below shows the most anomalous images first (cyan: the true defect ou
 **K** or changing the **method** re-scores from the stored table (`patchlab.experiment.rescore`,
 no kNN). A new **setting** (mix = train + test, test, ano = defective only) or **category**
 needs new features and a new table: they are computed on first use (with a progress bar) and
-kept. Tick *pixel AUROC and PRO* to see the localisation metrics (they sort every pixel of the
-set, so each update takes longer)."""),
+kept. The localisation metrics, *pixel AUROC and PRO*, are on when the set has masks: they sort
+every pixel of the set after the maps are drawn; untick them for the quickest slider."""),
     ("md", BACKBONE_NOTE),
     ("code", SETUP),
     ("code", """\

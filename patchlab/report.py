@@ -28,7 +28,7 @@ from scipy import ndimage
 from tqdm.auto import tqdm
 
 from patchlab.metrics import pixel_roc_curve, pro_curve, roc_curve
-from patchlab.viz import map_range
+from patchlab.viz import image_name, map_range
 
 REPORT_LEFTOVER = ".report-"  # the prefix of a report drawn beside a run (a killed one's stays)
 
@@ -56,7 +56,7 @@ def write_report(
     folder = Path(folder)
     shown = np.asarray(maps["shown"])
     pictures = np.asarray(maps["shown_images"])
-    names = [_name(maps["paths"][i]).replace("/", "_") for i in shown]
+    names = [image_name(maps["paths"][i]).rsplit(".", 1)[0].replace("/", "_") for i in shown]
     written = []
     (folder / "overlays").mkdir(exist_ok=True)
     bar = tqdm(total=len(shown) + 1, desc="report", unit="file", disable=not progress)
@@ -173,8 +173,7 @@ def _html(maps: dict, metrics: dict, shown: np.ndarray, pictures: np.ndarray) ->
 
     labels = np.asarray(maps["labels"])
     titles = [
-        f"#{r + 1} {_name(maps['paths'][i])} "
-        f"{({0: '(good) ', 1: '(defect) '}).get(int(labels[i]), '')}{maps['image_scores'][i]:.3g}"
+        viz.tile_title(r, maps["paths"][i], labels[i], maps["image_scores"][i])
         for r, i in enumerate(shown)
     ]
     figures = [
@@ -227,12 +226,6 @@ def _html(maps: dict, metrics: dict, shown: np.ndarray, pictures: np.ndarray) ->
         + "".join(f"<div>{part}</div>" for part in parts)
         + "</body></html>\n"
     )
-
-
-def _name(path) -> str:
-    """``folder/stem`` of an image path (``hole/003``): short and, in MVTec AD, the label."""
-    path = Path(str(path))
-    return f"{path.parent.name}/{path.stem}"
 
 
 def _fmt(value) -> str:

@@ -8,7 +8,8 @@ screenshots), so that the pictures show what the test checked. :func:`drive` cop
 uses the widgets:
 
 - **scoring widget** (04): rendered (a plotly figure, no "Loading widget…", no raw
-  ``FigureWidget(...)`` text); after *Run All* it shows the K the notebook sets; K typed into the
+  ``FigureWidget(...)`` text); after *Run All* it shows the K the notebook sets, the pixel
+  metrics (the demo has masks) and tiles titled with their file names; K typed into the
   slider's readout re-scores, and the maps drawn in the figure change; PatchCore (no K) disables
   the slider.
 - **neighbour explorer** (03): it opens on the anomalous patch with its dropdown saying so; a
@@ -278,7 +279,11 @@ def check_scoring(page, url: str, seen: dict, shots: Path | None = None) -> None
     status = widget.locator(".widget-html-content", has_text="AUROC")
     readout = widget.locator(".widget-readout").first
     seen["scoring_k_first"] = int(readout.inner_text())
+    # the first view: pixel metrics where masks exist (the status is complete once PRO shows)
+    expect(status).to_contain_text("PRO", timeout=60_000)
+    expect(status).not_to_contain_text("computing", timeout=60_000)
     seen["scoring_status_first"] = status.inner_text()
+    seen["scoring_titles_first"] = figure.evaluate("gd => gd.layout.annotations.map(a => a.text)")
     maps_before = figure.evaluate(HEATMAPS)
 
     # type a new K into the slider's readout, as a person can

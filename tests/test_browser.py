@@ -49,6 +49,16 @@ def test_scoring_widget_opens_at_the_notebooks_k_and_moves(seen):
     assert seen["scoring_k_moved"] == K_NEW
     assert f"patchcluster, K = {K_NEW}:" in seen["scoring_status_moved"]
     assert "patchcluster, K = 10:" in seen["scoring_status_first"]
+
+
+def test_scoring_widget_first_view_shows_pixel_metrics_and_file_names(seen):
+    # the demo has masks: pixel AUROC and PRO are numbers at once (they said n/a, box off)
+    status = seen["scoring_status_first"]
+    assert re.search(r"pixel AUROC 0\.\d{3}, PRO 0\.\d{3}", status), status
+    titles = seen["scoring_titles_first"]
+    assert len(titles) == 8
+    for rank, title in enumerate(titles):  # "#1 crack/003.png (defect) 2.31"
+        assert re.match(rf"#{rank + 1} \w+/\w+\.png \((good|defect)\) \S+$", title), title
     assert seen["scoring_n_maps"] == (8, 8) and seen["scoring_maps_changed"]
 
 

@@ -108,15 +108,39 @@ def test_method_and_image_score_dropdowns(result):
     _assert_figure_shows(widget, *_expected(result, method="patchcore", image_score="max"))
 
 
-def test_pixel_metrics_checkbox(result):
+def test_pixel_metrics_shown_at_first_where_masks_exist(result):
+    """The first view shows pixel AUROC and PRO when the set has masks (it said "n/a" with
+    the box off); unticked, the line says so; an unlabelled set says n/a."""
     from patchlab.widgets import explore
 
     widget = explore(result, n_show=2)
+    assert widget.pixel.value
+    for key in ("pixel_auroc", "pro", "image_auroc"):
+        assert widget.result.metrics[key] == pytest.approx(result.metrics[key]), key
+    assert f"pixel AUROC {result.metrics['pixel_auroc']:.3f}, PRO" in widget.status.value
+    widget.pixel.value = False
     assert widget.result.metrics["pixel_auroc"] is None
+    assert "pixel AUROC and PRO: tick the box" in widget.status.value
     assert widget.result.metrics["image_auroc"] == result.metrics["image_auroc"]
     widget.pixel.value = True
-    assert widget.result.metrics["pixel_auroc"] == pytest.approx(result.metrics["pixel_auroc"])
     assert widget.result.metrics["pro"] == pytest.approx(result.metrics["pro"])
+    assert not explore(result, n_show=2, pixel_metrics=False).pixel.value  # asked for: kept
+
+
+def test_tiles_are_titled_with_their_file_names(result):
+    from patchlab.widgets import explore
+
+    widget = explore(result, n_show=4)
+    titles = [a.text for a in widget.figure.layout.annotations[:4]]
+    for rank, (title, i) in enumerate(zip(titles, widget.shown, strict=True)):
+        path = result.images.paths[i]
+        label = "(defect)" if result.images.labels[i] == 1 else "(good)"
+        assert title.startswith(f"#{rank + 1} {path.parent.name}/{path.name} {label} "), title
+    widget.k.value = 7  # redrawn in place: the titles follow the new order
+    i = widget.shown[0]
+    assert widget.figure.layout.annotations[0].text.startswith(
+        f"#1 {result.images.paths[i].parent.name}/{result.images.paths[i].name}"
+    )
 
 
 def test_setting_change_prepares_once_and_caches(result, monkeypatch):
@@ -296,3 +320,16 @@ def test_a_k_free_method_is_scored_once(result, monkeypatch):
     widget.image_score.value = "top"
     assert len(calls) == 1  # kept
     _assert_figure_shows(widget, *_expected(result, method="mutual", image_score="top"))
+
+
+def test_an_unlabelled_set_opens_with_pixel_metrics_off(tiny_demo):
+    from patchlab.widgets import explore
+
+    config = RunConfig(
+        data=str(tiny_demo / "brick" / "test"), unlabeled=True, k=3, k_max=5, **PAPER_SETTINGS
+    )
+    widget = explore(run(config, progress=False), n_show=3)
+    assert not widget.pixel.value
+    assert "image AUROC n/a, pixel AUROC n/a, PRO n/a" in widget.status.value
+    title = widget.figure.layout.annotations[0].text
+    assert "(good)" not in title and "(defect)" not in title  # unknown labels: none said

@@ -7,7 +7,8 @@
                           explorer's image and hover pictures (notebook 3, Fig. 5)
 ``viz.scoring``           anomaly maps over their images, in a grid (notebook 4)
 ``viz.evaluation``        ROC and PRO curves, K sweeps (notebook 5)
-``viz._common``           the patch grid, PNG images and data URIs, crops, PNG export
+``viz._common``           the patch grid, PNG images and data URIs, crops, PNG export,
+                          the names and titles of images
 ========================  ============================================================
 
 Every builder takes plain arrays and returns a ``plotly.graph_objects.Figure`` whose trace data
@@ -25,9 +26,11 @@ from patchlab.viz._common import (
     data_uri,
     export_png,
     hide_axes,
+    image_name,
     outline,
     patch_crop,
     png_bytes,
+    tile_title,
 )
 from patchlab.viz.coreset import coreset_picks_figure, coverage_figure
 from patchlab.viz.evaluation import (
@@ -60,6 +63,7 @@ __all__ = [
     "export_png",
     "hide_axes",
     "hover_picture",
+    "image_name",
     "k_sweep_figure",
     "layer_maps_figure",
     "map_range",
@@ -71,6 +75,7 @@ __all__ = [
     "pro_figure",
     "receptive_field_figure",
     "roc_figure",
+    "tile_title",
     "umap_embedding",
     "umap_figure",
 ]

@@ -27,6 +27,20 @@ def data_uri(image: np.ndarray) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
+def image_name(path) -> str:
+    """``folder/file`` of an image path (``hole/003.png``): short, and in MVTec AD the defect
+    type. The one name of an image in every figure, widget and report."""
+    path = Path(str(path))
+    return f"{path.parent.name}/{path.name}"
+
+
+def tile_title(rank: int, path, label: int, score: float) -> str:
+    """The title of an overlay tile: ``#1 hole/003.png (defect) 2.31`` (rank from 0; the label
+    left out when unknown, -1)."""
+    said = {0: "(good) ", 1: "(defect) "}.get(int(label), "")
+    return f"#{rank + 1} {image_name(path)} {said}{score:.3g}"
+
+
 def patch_crop(image: np.ndarray, row: int, col: int, size: int = 32) -> np.ndarray:
     """The ``size`` x ``size`` pixels centred on patch (row, col), zero padded at the border.
 

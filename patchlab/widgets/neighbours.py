@@ -57,10 +57,7 @@ class NeighbourExplorer(Displays):
         self.picker = W.Dropdown(options=self._choices(self.query), value=self.query)
         self.picker.description = "patch"
         self.image = W.Dropdown(
-            options=[
-                (f"{i}: {result.images.paths[i].parent.name}/{result.images.paths[i].name}", i)
-                for i in range(n)
-            ],
+            options=[(f"{i}: {viz.image_name(result.images.paths[i])}", i) for i in range(n)],
             value=self.query // (self.h * self.w),
             description="image",
         )
@@ -127,8 +124,7 @@ class NeighbourExplorer(Displays):
 
     def describe(self, row: int) -> str:
         i, r, c = self.position(row)
-        path = self.result.images.paths[i]
-        return f"{path.parent.name}/{path.name} patch ({r}, {c})"
+        return f"{viz.image_name(self.result.images.paths[i])} patch ({r}, {c})"
 
     def neighbours(self, row: int) -> tuple[np.ndarray, np.ndarray]:
         """The stored K nearest bank patches (their patch rows) of a patch and their distances

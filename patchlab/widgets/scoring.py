@@ -26,6 +26,7 @@ from patchlab.experiment import Result, prepare, rescore
 from patchlab.images import load_display
 from patchlab.maps import IMAGE_SCORES
 from patchlab.methods import ScoringInputs
+from patchlab.metrics import pixel_auroc, pro_score
 from patchlab.widgets._base import Displays
 
 TABLE_METHODS = ("patchcluster", "patchcore", "patchcore_lof")
@@ -45,7 +46,9 @@ class ScoringWidget(Displays):
     n_show : images shown, the most anomalous first
     cols : images per row
     stride : show every ``stride``-th pixel of the maps
-    pixel_metrics : start with pixel AUROC and PRO on (each update then sorts every pixel)
+    pixel_metrics : pixel AUROC and PRO on or off at the start; None (default): on when the
+        first set has masks. They sort every pixel of the set (about 1 s per 100 images here),
+        after the figure is drawn, so the maps never wait for them.
     prepared : {(backbone, category, setting): (images, inputs, masks)} already computed
 
     Attributes
@@ -69,7 +72,7 @@ class ScoringWidget(Displays):
         n_show: int = 8,
         cols: int = 4,
         stride: int = 2,
-        pixel_metrics: bool = False,
+        pixel_metrics: bool | None = None,
         prepared: dict[tuple[str, str | None, str], Prepared] | None = None,
     ) -> None:
         self.base = config
@@ -77,6 +80,7 @@ class ScoringWidget(Displays):
         self.prepared: dict[tuple[str, str | None, str], Prepared] = dict(prepared or {})
         self._kept: dict[tuple, torch.Tensor] = {}  # scores of K-free methods, per prepared set
         self._uris: dict[str, str] = {}
+        self._pixel_auto = pixel_metrics is None  # decided by the first set's masks
         if config.method not in methods:
             methods = (config.method, *methods)
         self._make_controls(config, methods, categories or [config.category], pixel_metrics)
@@ -121,7 +125,9 @@ class ScoringWidget(Displays):
         self.backbone = W.Dropdown(
             options=list(BACKBONES), value=config.backbone, description="backbone"
         )
-        self.pixel = W.Checkbox(value=pixel_metrics, description="pixel AUROC and PRO", style=style)
+        self.pixel = W.Checkbox(
+            value=bool(pixel_metrics), description="pixel AUROC and PRO", style=style
+        )
         self.controls = (
             self.k,
             self.method,
@@ -183,13 +189,16 @@ class ScoringWidget(Displays):
         except (RuntimeError, ValueError, FileNotFoundError) as err:  # e.g. weights offline
             self.status.value = f"<span style='color:#b00'>{html.escape(str(err))}</span>"
             return
+        if self._pixel_auto:  # the first view shows the pixel metrics where masks exist
+            self._pixel_auto = False
+            self.pixel.unobserve(self._changed, names="value")
+            self.pixel.value = bool(masks.any())
+            self.pixel.observe(self._changed, names="value")
         t0 = time.perf_counter()
         # a method that ignores K is scored once per prepared set (mutual scoring takes seconds)
         memo = (config.backbone, config.category, config.setting, config.method)
         kept = self._kept.get(memo) if config.method in K_FREE_METHODS else None
-        result = rescore(
-            config, images, inputs, masks, pixel_metrics=self.pixel.value, patch_scores=kept
-        )
+        result = rescore(config, images, inputs, masks, pixel_metrics=False, patch_scores=kept)
         if config.method in K_FREE_METHODS:
             self._kept[memo] = result.patch_scores.reshape(-1)
         self.rescore_ms = (time.perf_counter() - t0) * 1e3
@@ -197,7 +206,15 @@ class ScoringWidget(Displays):
         self.shown = np.argsort(-result.image_scores, kind="stable")[: self.n_show]
         self._draw(result)
         self.update_ms = (time.perf_counter() - t0) * 1e3
-        self.status.value = self._summary(result)
+        if not (images.has_labels and masks.any()):
+            self.status.value = self._summary(result)  # no masks: n/a
+        elif not self.pixel.value:
+            self.status.value = self._summary(result, "off")
+        else:  # after the figure: the maps never wait for the sort of every pixel
+            self.status.value = self._summary(result, "pending")
+            result.metrics["pixel_auroc"] = pixel_auroc(masks, result.maps)
+            result.metrics["pro"] = pro_score(masks, result.maps)
+            self.status.value = self._summary(result)
 
     def _draw(self, result: Result) -> None:
         zrange = viz.map_range(result.maps)
@@ -238,28 +255,31 @@ class ScoringWidget(Displays):
 
     @staticmethod
     def _title(result: Result, rank: int, i: int) -> str:
-        label = {0: "good", 1: "defect"}.get(int(result.images.labels[i]), "?")
-        return f"#{rank + 1} {label} {result.image_scores[i]:.3g}"
+        images = result.images
+        return viz.tile_title(rank, images.paths[i], images.labels[i], result.image_scores[i])
 
-    def _summary(self, result: Result) -> str:
+    def _summary(self, result: Result, pixels: str = "done") -> str:
+        """The status line. ``pixels``: ``"pending"`` (being computed), ``"off"`` (the box
+        unticked) or ``"done"`` (computed, or n/a where the set has no masks)."""
         m = result.metrics
 
         def fmt(v) -> str:
             return "n/a" if v is None else f"{v:.3f}"
 
-        weights = result.config.weights
-        note = (
-            " (random weights: the numbers show the pipeline, not the paper's)"
-            if weights == "none"
-            else ""
-        )
+        said = {
+            "pending": "pixel AUROC and PRO: computing…",
+            "off": "pixel AUROC and PRO: tick the box",
+            "done": f"pixel AUROC {fmt(m['pixel_auroc'])}, PRO {fmt(m['pro'])}",
+        }[pixels]
+        note = ""
+        if result.config.weights == "none":
+            note = " (random weights: the numbers show the pipeline, not the paper's)"
         config = result.config
         k = "" if config.method in K_FREE_METHODS else f", K = {config.k}"
         return (
             f"<b>{result.images.name}</b>, {m['n_images']} images, {m['n_patches']} patches; "
-            f"{config.method}{k}: image AUROC {fmt(m['image_auroc'])}, "
-            f"pixel AUROC {fmt(m['pixel_auroc'])}, "
-            f"PRO {fmt(m['pro'])}; re-scored in {self.rescore_ms:.0f} ms "
+            f"{config.method}{k}: image AUROC {fmt(m['image_auroc'])}, {said}; "
+            f"re-scored in {self.rescore_ms:.0f} ms "
             f"(figure {self.update_ms - self.rescore_ms:.0f} ms){note}"
         )
 
