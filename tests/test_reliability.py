@@ -428,6 +428,25 @@ def test_a_cache_folder_that_is_a_file_fails_before_the_work(demo, tmp_path, cap
     assert time.perf_counter() - t < 10
 
 
+def test_a_full_disk_while_the_cache_is_written_is_named(demo, tmp_path, capsys, monkeypatch):
+    """The cache write fails as on a full disk (ENOSPC from the array writer: no full disk can
+    be had here): one line naming the cache file and what to do, no temporary file left."""
+    import errno
+
+    import patchlab.cache as cache_module
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(cache_module.np, "save", full)
+    cache = tmp_path / "cache"
+    assert run_cli(demo, tmp_path / "out", "--cache-dir", str(cache)) == 2
+    err = one_line_error(capsys)
+    assert f"cannot write the cache file {cache}" in err and "No space left on device" in err
+    assert "free space there" in err and "--cache-dir" in err
+    assert not list(cache.glob("*.tmp")) and not (tmp_path / "out").exists()
+
+
 def test_cache_files_are_readable_like_run_folders(demo, tmp_path):
     """Before: cache files were created 0600 (mkstemp), so a shared cache broke."""
     old = os.umask(0o022)
