@@ -42,7 +42,7 @@ from patchlab.diagnostics import K_LADDER, STABLE, choose_k, k_stability
 from patchlab.experiment import image_scores_by_rule, load_images, prepare, rescore
 from patchlab.maps import IMAGE_SCORES, rscin
 from patchlab.methods import score_patches
-from patchlab.metrics import image_auroc
+from patchlab.metrics import format_metric, image_auroc
 
 SIZES = {"224crop": (256, 224), "224": (224, None), "320": (320, 320), "448": (448, 448)}
 K_RELATIVE = (0.1, 0.25)  # K = round(share * n_images)
@@ -232,10 +232,7 @@ def score_row(name, row, config, images, inputs, masks, scores_dir: Path) -> dic
 
 
 def line(r: dict) -> str:
-    cells = [
-        f"{r[key]:.3f}" if r[key] is not None else "n/a"
-        for key in ("image_auroc", "pixel_auroc", "pro")
-    ]
+    cells = [format_metric(r[key]) for key in ("image_auroc", "pixel_auroc", "pro")]
     return f"{r['set']:>20}  {r['row']:<34} " + " / ".join(cells) + f"  {r['seconds']:.1f} s"
 
 
@@ -387,7 +384,7 @@ def rule_table(latest: dict, chosen: list[str], names: list[str], title: str) ->
 
 def _mean(have: list[dict], key: str) -> str:
     values = [h[key] for h in have]
-    return "n/a" if None in values else f"{np.mean(values):.3f}"
+    return format_metric(None if None in values else float(np.mean(values)))
 
 
 def _worst(latest: dict, sets: list[str], name: str) -> str:

@@ -2,7 +2,7 @@
 
     python notebooks/make_notebooks.py      # rewrites notebooks/0*.ipynb
 
-The notebooks stay thin: the logic lives in patchlab (viz.py, widgets.py and the core); a cell
+The notebooks stay thin: the logic lives in patchlab (`patchlab.viz`, `patchlab.widgets` and the core); a cell
 calls, shows and explains. Edit the cells here, not the .ipynb files, and run the script again.
 """
 
@@ -473,10 +473,7 @@ One `prepare` per setting (features and table, cached), then one `rescore` per m
     ("code", """\
 from IPython.display import Markdown, display
 
-
-def fmt(v):
-    return "n/a" if v is None else f"{v:.3f}"
-
+from patchlab.metrics import format_metric as fmt  # 0.123, or n/a where undefined
 
 lines = ["| setting | method | image AUROC | image AUROC (max) | pixel AUROC | PRO |",
          "|---|---|---|---|---|---|"]
@@ -564,10 +561,7 @@ time:
 from IPython.display import Markdown, display
 
 from patchlab.experiment import prepare, rescore
-
-
-def fmt(v):
-    return "n/a" if v is None else f"{v:.3f}"
+from patchlab.metrics import format_metric as fmt  # 0.123, or n/a where undefined
 
 
 def show_table(header, rows):

@@ -21,6 +21,7 @@ from patchlab.config import PAPER_SETTINGS, RunConfig
 from patchlab.data import BLIND_SETTINGS
 from patchlab.demo import DEMO_CATEGORIES, demo_path, make_demo_data
 from patchlab.diagnostics import K_LADDER, STABLE
+from patchlab.metrics import format_metric
 from patchlab.reproduce import REPRODUCE_DEFAULTS, TABLES
 
 PER_CELL = ("category", "setting", "bank_setting", "unlabeled", "method", "k", "k_max")
@@ -278,16 +279,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _format_table(rows: list[tuple[str, dict]]) -> str:
     """image_auroc uses the configured image score; max_auroc the plain maximum."""
 
-    def cell(value) -> str:
-        return "  n/a" if value is None else f"{value:.3f}"
-
     width = max(len(name) for name, _ in rows)
     lines = [f"{'run':<{width}}  image_auroc  max_auroc  pixel_auroc    pro"]
     for name, m in rows:
         plain = m.get("image_auroc_by_score", {}).get("max", m["image_auroc"])
         lines.append(
-            f"{name:<{width}}  {cell(m['image_auroc']):>11}  {cell(plain):>9}"
-            f"  {cell(m['pixel_auroc']):>11}  {cell(m['pro']):>5}"
+            f"{name:<{width}}  {format_metric(m['image_auroc']):>11}  {format_metric(plain):>9}"
+            f"  {format_metric(m['pixel_auroc']):>11}  {format_metric(m['pro']):>5}"
         )
     return "\n".join(lines)
 

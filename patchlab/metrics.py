@@ -14,6 +14,7 @@ from scipy import ndimage
 
 __all__ = [
     "evaluate",
+    "format_metric",
     "image_auroc",
     "pixel_auroc",
     "pixel_roc_curve",
@@ -313,3 +314,9 @@ def evaluate(
         "pixel_auroc": _roc_area(tp, fp),
         "pro": None if points is None else _area_to(*points, 0.3),
     }
+
+
+def format_metric(value: float | None) -> str:
+    """A metric as every table, report and widget shows it: three decimals, or ``"n/a"``
+    where it is undefined (None: no labels, no masks, or one class only)."""
+    return "n/a" if value is None else f"{value:.3f}"

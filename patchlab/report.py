@@ -27,7 +27,7 @@ from PIL import Image
 from scipy import ndimage
 from tqdm.auto import tqdm
 
-from patchlab.metrics import pixel_roc_curve, pro_curve, roc_curve
+from patchlab.metrics import format_metric, pixel_roc_curve, pro_curve, roc_curve
 from patchlab.viz import image_name, map_range
 
 REPORT_LEFTOVER = ".report-"  # the prefix of a report drawn beside a run (a killed one's stays)
@@ -229,4 +229,4 @@ def _html(maps: dict, metrics: dict, shown: np.ndarray, pictures: np.ndarray) ->
 
 
 def _fmt(value) -> str:
-    return "n/a" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
+    return format_metric(value) if value is None or isinstance(value, float) else str(value)

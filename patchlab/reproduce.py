@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from patchlab.config import PAPER_SETTINGS, RunConfig
 from patchlab.data import BLIND_SETTINGS
 from patchlab.experiment import run
+from patchlab.metrics import format_metric
 
 METRICS = ("image_auroc", "pixel_auroc", "pro")
 FIELDS = (
@@ -320,7 +321,7 @@ def markdown(csv_path: Path, table: int, title: str, image_score: str) -> str:
             and r["setting"] == setting
             and r.get(column) not in ("", "None", None)
         ]
-        return f"{np.mean(vals):.3f}" if vals else "n/a"
+        return format_metric(float(np.mean(vals)) if vals else None)
 
     lines = [
         f"Table {table}: {title}; mean over {len({r['category'] for r in records})} "

@@ -254,3 +254,11 @@ def test_bad_labels_scores_and_max_fpr_raise():
         image_auroc(np.array([0, 1]), np.array([0.1, np.nan]))
     with pytest.raises(ValueError, match="max_fpr"):
         pro_score(two_regions(), np.zeros((1, 10, 10)), max_fpr=0.0)
+
+
+def test_format_metric_is_three_decimals_or_na():
+    from patchlab.metrics import format_metric
+
+    assert format_metric(None) == "n/a"
+    assert format_metric(0.98765) == "0.988" and format_metric(1.0) == "1.000"
+    assert format_metric(np.float64(0.5)) == "0.500"

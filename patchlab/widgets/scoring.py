@@ -26,7 +26,7 @@ from patchlab.experiment import Result, prepare, rescore
 from patchlab.images import load_display
 from patchlab.maps import IMAGE_SCORES
 from patchlab.methods import ScoringInputs
-from patchlab.metrics import pixel_auroc, pro_score
+from patchlab.metrics import format_metric, pixel_auroc, pro_score
 from patchlab.widgets._base import Displays
 
 TABLE_METHODS = ("patchcluster", "patchcore", "patchcore_lof")
@@ -263,13 +263,10 @@ class ScoringWidget(Displays):
         unticked) or ``"done"`` (computed, or n/a where the set has no masks)."""
         m = result.metrics
 
-        def fmt(v) -> str:
-            return "n/a" if v is None else f"{v:.3f}"
-
         said = {
             "pending": "pixel AUROC and PRO: computing…",
             "off": "pixel AUROC and PRO: tick the box",
-            "done": f"pixel AUROC {fmt(m['pixel_auroc'])}, PRO {fmt(m['pro'])}",
+            "done": f"pixel AUROC {format_metric(m['pixel_auroc'])}, PRO {format_metric(m['pro'])}",
         }[pixels]
         note = ""
         if result.config.weights == "none":
@@ -278,7 +275,7 @@ class ScoringWidget(Displays):
         k = "" if config.method in K_FREE_METHODS else f", K = {config.k}"
         return (
             f"<b>{result.images.name}</b>, {m['n_images']} images, {m['n_patches']} patches; "
-            f"{config.method}{k}: image AUROC {fmt(m['image_auroc'])}, {said}; "
+            f"{config.method}{k}: image AUROC {format_metric(m['image_auroc'])}, {said}; "
             f"re-scored in {self.rescore_ms:.0f} ms "
             f"(figure {self.update_ms - self.rescore_ms:.0f} ms){note}"
         )
