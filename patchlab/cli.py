@@ -17,15 +17,13 @@ import sys
 import time
 from dataclasses import fields
 
-from patchlab.config import PAPER_SETTINGS, RunConfig
+from patchlab.config import RunConfig
 from patchlab.data import BLIND_SETTINGS
-from patchlab.demo import DEMO_CATEGORIES, demo_path, make_demo_data
+from patchlab.demo import DEMO_CATEGORIES, DEMO_DEFAULTS, DEMO_SETS, make_demo_data
 from patchlab.diagnostics import K_LADDER, STABLE
 from patchlab.metrics import format_metric
-from patchlab.reproduce import REPRODUCE_DEFAULTS, TABLES
+from patchlab.reproduce import PER_CELL, REPRODUCE_DEFAULTS, TABLES
 
-PER_CELL = ("category", "setting", "bank_setting", "unlabeled", "method", "k", "k_max")
-PER_CELL += ("exclude", "coreset")  # what each cell of a `patchlab reproduce` table sets
 TYPES = {"int": int, "float": float, "str": str}
 
 
@@ -51,14 +49,18 @@ def add_config_options(p: argparse.ArgumentParser, skip: tuple[str, ...] = (), *
         shown = "" if default is None else f" (default {default})"
         p.add_argument(flag, type=kind, default=default, choices=choices, help=help_ + shown)
     if "crop" not in skip:
-        p.add_argument("--no-crop", action="store_true", help="resize to 224 without centre crop")
+        p.add_argument(
+            "--no-crop",
+            action="store_true",
+            help="resize straight to the --crop side (224), no centre crop: nothing cut away",
+        )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def _config(args: argparse.Namespace, **overrides) -> RunConfig:
     values = {f.name: getattr(args, f.name) for f in fields(RunConfig) if hasattr(args, f.name)}
-    if getattr(args, "no_crop", False):
-        values |= {"resize": 224, "crop": None}
+    if getattr(args, "no_crop", False):  # the same input side, the border kept
+        values |= {"resize": values.get("crop") or RunConfig.crop, "crop": None}
     return RunConfig(**(values | overrides))
 
 
@@ -71,10 +73,7 @@ def _add_demo(sub) -> None:
     )
     demo.add_argument("--data", default=None, help="demo data folder (default: data/demo)")
     demo.add_argument("--categories", nargs="+", default=list(DEMO_CATEGORIES))
-    # the demo shows the paper's claim, PatchCluster against PatchCore, as the paper runs them
-    # (under a minute from nothing on 2 cores); run's defaults are the measured best
-    paper = {k: v for k, v in PAPER_SETTINGS.items() if k != "method"}
-    add_config_options(demo, skip=("category", "bank_setting", "unlabeled", "method"), **paper)
+    add_config_options(demo, skip=DEMO_SETS, **DEMO_DEFAULTS)
 
 
 def _add_k_curve(sub) -> None:
@@ -247,22 +246,9 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from patchlab.experiment import rescore, run
+    from patchlab.demo import run_demo
 
-    root = make_demo_data(demo_path(args.data), categories=args.categories)
-    print(f"demo data: {root} (categories {', '.join(args.categories)})")
-    rows = []
-    for category in args.categories:
-        config = _config(args, data=str(root), category=category, method="patchcluster")
-        first = run(config, progress=not args.quiet)
-        rows.append((f"{category} patchcluster K={config.k}", first.metrics))
-        core = rescore(
-            _config(args, data=str(root), category=category, method="patchcore"),
-            first.images,
-            first.inputs,
-            first.masks,
-        )
-        rows.append((f"{category} patchcore", core.metrics))
+    rows = run_demo(_config(args, data=""), args.data, args.categories, not args.quiet)
     print(
         f"\nbackbone={args.backbone} weights={args.weights!r} setting={args.setting} "
         f"exclude={args.exclude} image_score={args.image_score}"

@@ -63,7 +63,8 @@ class RunConfig:
     seed : int
         Seed of the random weights, the coreset, PaDiM's channels and mutual scoring.
     resize, crop : int
-        Resize side, then centre-crop side; ``crop=None`` resizes straight to 224 (no crop).
+        Resize side, then centre-crop side; ``crop=None`` resizes straight to ``resize`` (no
+        crop; ``--no-crop`` sets ``resize`` to the crop side, 224, so the input size is kept).
     image_score : {"patchcore", "eq3", "max", "top", "max_median"}
         Image score: the maximum re-weighted as PatchCore does (the function the paper says
         Eq. 3 is), Eq. 3 as printed, the plain maximum, the mean of the top ``top_q`` of the

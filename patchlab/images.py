@@ -2,9 +2,10 @@
 
 Every image is read by :func:`read_rgb` (EXIF orientation applied, 16-bit and alpha images
 converted), then resized to 256 x 256 and centre-cropped to 224 x 224 (or, with ``crop=None``,
-resized straight to 224 x 224 so that nothing near the border is cut away) and normalised with
-the backbone's statistics (:func:`preprocess`). Masks are read, binarised and cropped the same
-way (:func:`load_masks`); :func:`load_display` is the image as the model sees it, for figures.
+resized straight to ``resize`` x ``resize``, so that nothing near the border is cut away) and
+normalised with the backbone's statistics (:func:`preprocess`). Masks are read, binarised and
+cropped the same way (:func:`load_masks`); :func:`load_display` is the image as the model sees
+it, for figures.
 """
 
 from __future__ import annotations

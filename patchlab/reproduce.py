@@ -63,6 +63,9 @@ class Row:
 # locally aware 3 x 3 features and PatchCore's image re-weighting (Eq. 3), whatever the
 # defaults of `patchlab run` (chosen on real data, docs/results.md) are
 REPRODUCE_DEFAULTS = dict(PAPER_SETTINGS, backbone="wide_resnet50_2", resize=256, crop=224)
+# what each cell of a table sets itself (the command offers no option for these)
+PER_CELL = ("category", "setting", "bank_setting", "unlabeled", "method", "k", "k_max")
+PER_CELL += ("exclude", "coreset")
 
 PAPER_METHODS = (
     Row("PaDiM", "padim"),

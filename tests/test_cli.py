@@ -208,3 +208,14 @@ def test_the_command_line_sets_the_malloc_thresholds(tiny_demo, tmp_path, monkey
     monkeypatch.setattr(backbones, "tune_malloc", lambda: calls.append(1) or True)
     assert main(["demo-data", str(tmp_path / "d"), "--categories", "brick"]) == 0
     assert calls == [1]
+
+
+def test_no_crop_keeps_the_crop_side():
+    """--no-crop resizes straight to the crop side asked for (224 by default), no centre crop:
+    the same input size, nothing cut away (it hard-coded 224 whatever --crop said)."""
+    from patchlab.cli import _config, build_parser
+
+    base = ["run", "data", "--category", "c", "--out", "o", "--no-crop"]
+    for extra, side in (([], 224), (["--crop", "192"], 192)):
+        config = _config(build_parser().parse_args([*base, *extra]))
+        assert (config.resize, config.crop) == (side, None)
