@@ -39,8 +39,8 @@ import torch
 
 from patchlab.config import PAPER_SETTINGS, RunConfig
 from patchlab.diagnostics import K_LADDER, STABLE, choose_k, k_stability
-from patchlab.experiment import image_scores_by_rule, load_images, prepare, rescore
-from patchlab.maps import IMAGE_SCORES, rscin
+from patchlab.experiment import load_images, prepare, rescore
+from patchlab.maps import IMAGE_SCORES, image_scores_by_rule, rscin
 from patchlab.methods import score_patches
 from patchlab.metrics import format_metric, image_auroc
 
@@ -211,7 +211,7 @@ def score_row(name, row, config, images, inputs, masks, scores_dir: Path) -> dic
     patch = result.patch_scores
     labels = images.labels
     # every rule's scores once (support distances are a kNN), then the same smoothed by RsCIN
-    by_rule = image_scores_by_rule(patch, inputs, replace(config, rscin=()))
+    by_rule = image_scores_by_rule(patch, inputs, config.b, config.top_q)
     smoothed = {r: rscin(s, inputs.global_features, RSCIN) for r, s in by_rule.items()}
     m = result.metrics
     return {

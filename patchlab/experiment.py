@@ -24,17 +24,9 @@ from patchlab.config import RunConfig
 from patchlab.data import ImageSet, load_folder, load_mvtec
 from patchlab.features import extract_features
 from patchlab.images import load_masks
-from patchlab.maps import (
-    IMAGE_SCORES,
-    NEEDS_SUPPORT,
-    anomaly_maps,
-    image_scores,
-    rscin,
-    support_distances,
-)
+from patchlab.maps import NEEDS_SUPPORT, anomaly_maps, image_scores_by_rule
 from patchlab.methods import ScoringInputs, get_method, score_patches
-from patchlab.metrics import evaluate
-from patchlab.metrics import image_auroc as evaluate_images
+from patchlab.metrics import evaluate_rules
 
 
 @dataclass
@@ -213,7 +205,7 @@ def rescore(
     rule = config.image_score
     if rule in NEEDS_SUPPORT and inputs.neighbours is None:
         rule = "max"
-    by_rule = image_scores_by_rule(patch, inputs, config)
+    by_rule = image_scores_by_rule(patch, inputs, config.b, config.top_q, config.rscin)
     scores = by_rule[rule]
     negative = int((scores < 0).sum()) if rule in NEEDS_SUPPORT else 0
     if negative:
@@ -224,7 +216,8 @@ def rescore(
             stacklevel=2,
         )
     t1 = time.perf_counter()
-    metrics = _metrics(images, masks, maps, by_rule, rule, pixel_metrics)
+    labels = images.labels if images.has_labels else None
+    metrics = evaluate_rules(labels, by_rule, rule, masks, maps, pixel_metrics)
     source = inputs.features if inputs.bank is None else inputs.bank
     n_bank = len(inputs.bank_rows) if inputs.bank_rows is not None else source[..., 0].numel()
     metrics |= {
@@ -240,38 +233,3 @@ def rescore(
         "seconds": {"scores": round(t1 - t0, 3), "metrics": round(time.perf_counter() - t1, 3)},
     }
     return Result(config, images, inputs, patch, maps, scores, masks, metrics)
-
-
-def image_scores_by_rule(patch: torch.Tensor, inputs: ScoringInputs, config: RunConfig) -> dict:
-    """The image scores under every rule the inputs allow (the re-weighted ones need a
-    neighbour table), {rule: (n,) float64}; each smoothed by RsCIN when the config asks."""
-    support = None
-    if inputs.neighbours is not None:
-        support = support_distances(patch, inputs, config.b)
-    by_rule = {
-        rule: image_scores(patch, rule, support, config.top_q)
-        for rule in IMAGE_SCORES
-        if support is not None or rule not in NEEDS_SUPPORT
-    }
-    if config.rscin:
-        if inputs.global_features is None:
-            raise ValueError("rscin needs the global features: prepare() with rscin set")
-        by_rule = {r: rscin(s, inputs.global_features, config.rscin) for r, s in by_rule.items()}
-    return by_rule
-
-
-def _metrics(images, masks, maps, by_rule, rule, pixel_metrics) -> dict:
-    """Image AUROC (of the rule used and of every rule), pixel AUROC and PRO, where labels
-    allow; None where undefined."""
-    metrics: dict = {"image_auroc": None, "pixel_auroc": None, "pro": None}
-    if not images.has_labels:
-        return metrics
-    if pixel_metrics:
-        metrics = evaluate(images.labels, by_rule[rule], masks, maps)
-    else:
-        metrics["image_auroc"] = evaluate_images(images.labels, by_rule[rule])
-    if len(by_rule) > 1:  # every rule the inputs allow (the re-weighted ones need a table)
-        metrics["image_auroc_by_score"] = {
-            name: evaluate_images(images.labels, s) for name, s in by_rule.items()
-        }
-    return metrics

@@ -204,3 +204,31 @@ def rscin(
         weight[:, 0] = 1.0  # W_ii = 1, also for an all-zero global feature
         out += (weight * s[members]).sum(1) / weight.sum(1)
     return (out / len(windows)).numpy()
+
+
+def image_scores_by_rule(
+    patch: torch.Tensor,
+    inputs: ScoringInputs,
+    b: int,
+    top_q: float,
+    rscin_windows: tuple[int, ...] = (),
+) -> dict[str, np.ndarray]:
+    """The image scores under every rule the inputs allow, ``{rule: (n,) float64}``.
+
+    The re-weighted rules (:data:`NEEDS_SUPPORT`) need the neighbour table: without one only
+    ``max``, ``top`` and ``max_median`` are given. With ``rscin_windows``, each is smoothed by
+    :func:`rscin` over the images' global features (``inputs.global_features``).
+    """
+    support = None
+    if inputs.neighbours is not None:
+        support = support_distances(patch, inputs, b)
+    by_rule = {
+        rule: image_scores(patch, rule, support, top_q)
+        for rule in IMAGE_SCORES
+        if support is not None or rule not in NEEDS_SUPPORT
+    }
+    if rscin_windows:
+        if inputs.global_features is None:
+            raise ValueError("rscin needs the global features: prepare() with rscin set")
+        by_rule = {r: rscin(s, inputs.global_features, rscin_windows) for r, s in by_rule.items()}
+    return by_rule

@@ -14,6 +14,7 @@ from scipy import ndimage
 
 __all__ = [
     "evaluate",
+    "evaluate_rules",
     "format_metric",
     "image_auroc",
     "pixel_auroc",
@@ -314,6 +315,34 @@ def evaluate(
         "pixel_auroc": _roc_area(tp, fp),
         "pro": None if points is None else _area_to(*points, 0.3),
     }
+
+
+def evaluate_rules(
+    labels: np.ndarray | None,
+    by_rule: dict[str, np.ndarray],
+    rule: str,
+    masks: np.ndarray,
+    maps: np.ndarray,
+    pixel_metrics: bool = True,
+) -> dict:
+    """A run's metrics: :func:`evaluate` with the image scores of ``rule`` (``by_rule[rule]``)
+    and, where several rules were scored, ``"image_auroc_by_score"``: the image AUROC of each.
+
+    ``labels`` None (an unlabelled set) gives None everywhere; ``pixel_metrics=False`` leaves
+    pixel AUROC and PRO None (they sort every pixel of the set) and keeps the image AUROC.
+    """
+    metrics: dict = {"image_auroc": None, "pixel_auroc": None, "pro": None}
+    if labels is None:
+        return metrics
+    if pixel_metrics:
+        metrics = evaluate(labels, by_rule[rule], masks, maps)
+    else:
+        metrics["image_auroc"] = image_auroc(labels, by_rule[rule])
+    if len(by_rule) > 1:
+        metrics["image_auroc_by_score"] = {
+            name: image_auroc(labels, s) for name, s in by_rule.items()
+        }
+    return metrics
 
 
 def format_metric(value: float | None) -> str:

@@ -262,3 +262,27 @@ def test_format_metric_is_three_decimals_or_na():
     assert format_metric(None) == "n/a"
     assert format_metric(0.98765) == "0.988" and format_metric(1.0) == "1.000"
     assert format_metric(np.float64(0.5)) == "0.500"
+
+
+def test_evaluate_rules_against_sklearn():
+    """A run's metrics: the rule used through evaluate(), every rule's image AUROC."""
+    from patchlab.metrics import evaluate_rules
+
+    rng = np.random.default_rng(3)
+    labels = np.array([0, 0, 1, 1, 0, 1])
+    by_rule = {"max": rng.random(6), "top": rng.random(6)}
+    masks = (rng.random((6, 8, 8)) < 0.1) * labels[:, None, None]
+    maps = rng.random((6, 8, 8)).astype(np.float32)
+    got = evaluate_rules(labels, by_rule, "top", masks, maps)
+    assert got["image_auroc"] == pytest.approx(roc_auc_score(labels, by_rule["top"]))
+    assert got["pixel_auroc"] == pytest.approx(roc_auc_score(masks.ravel(), maps.ravel()))
+    assert got["image_auroc_by_score"]["max"] == pytest.approx(
+        roc_auc_score(labels, by_rule["max"])
+    )
+    quick = evaluate_rules(labels, by_rule, "top", masks, maps, pixel_metrics=False)
+    assert quick["pixel_auroc"] is None and quick["image_auroc"] == got["image_auroc"]
+    assert evaluate_rules(None, by_rule, "top", masks, maps) == {
+        "image_auroc": None,
+        "pixel_auroc": None,
+        "pro": None,
+    }
