@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -33,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from patchlab.atomic import TMP_SUFFIX, atomic_file, writable
 from patchlab.backbones import get_backbone, weights_identity
 from patchlab.hashing import file_digest
 
@@ -59,11 +59,8 @@ def check_cache_folder(folder: Path) -> Path:
     ValueError
         Naming the cache folder, why, and what to do.
     """
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".check-"):
-            pass
-    except OSError as err:
+    err = writable(folder)
+    if err is not None:
         raise ValueError(
             f"the cache folder {folder} cannot be used ({err.strerror or err}); pass --cache-dir "
             "(or set $PATCHLAB_CACHE) to a writable folder"
@@ -133,7 +130,7 @@ def find_prefix(folder: Path, stem: str, tag: str, need: int) -> Path | None:
         return int(path.name[len(stem) + 1 + len(tag) :].split(".")[0])
 
     found = sorted(
-        (p for p in folder.glob(f"{stem}-{tag}*") if not p.name.endswith(".tmp")), key=length
+        (p for p in folder.glob(f"{stem}-{tag}*") if not p.name.endswith(TMP_SUFFIX)), key=length
     )
     return next((p for p in found if length(p) >= need), None)
 
@@ -167,7 +164,7 @@ def remove_orphans(folder: Path, older_than_s: float = 600.0) -> int:
         return 0
     limit = min(time.time() - older_than_s, _STARTED)
     removed = 0
-    for tmp in folder.glob("*.tmp"):
+    for tmp in folder.glob(f"*{TMP_SUFFIX}"):
         try:
             if tmp.stat().st_mtime < limit:
                 tmp.unlink()
@@ -177,36 +174,22 @@ def remove_orphans(folder: Path, older_than_s: float = 600.0) -> int:
     return removed
 
 
-def current_umask() -> int:
-    """The process's umask (read by setting it, then set back): what ``mkstemp``/``mkdtemp``
-    ignore and a shared folder needs."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
-
-
 def atomic_save(path: Path, **arrays: np.ndarray) -> None:
-    """Write one array (``.npy``) or several (``.npz``) through a temporary file and a rename."""
+    """Write one array (``.npy``) or several (``.npz``) as one atomic file
+    (:func:`patchlab.atomic.atomic_file`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp's file is private; a shared cache is not
     try:
-        with os.fdopen(fd, "wb") as f:
+        with atomic_file(path) as f:
             if path.suffix == ".npy":
                 (array,) = arrays.values()
                 np.save(f, array)
             else:
                 np.savez(f, **arrays)
-        os.replace(tmp, path)
     except OSError as err:
-        Path(tmp).unlink(missing_ok=True)
         raise OSError(
             f"cannot write the cache file {path} ({err.strerror or err}); free space there, "
             "or pass --cache-dir (or set $PATCHLAB_CACHE) to another folder"
         ) from err
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def coreset_stem(key: str, seed: int, device: torch.device) -> str:

@@ -12,7 +12,6 @@ import csv
 import json
 import os
 import shutil
-import tempfile
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,7 +24,7 @@ except ImportError:  # pragma: no cover - Windows: no lock
 
 import numpy as np
 
-from patchlab.cache import current_umask
+from patchlab.atomic import atomic_folder, clean_leftovers, writable
 from patchlab.experiment import Result
 from patchlab.report import REPORT_LEFTOVER
 
@@ -95,13 +94,10 @@ def check_out(out: str | Path) -> Path:
                 f"--out {out} holds other files ({', '.join(foreign[:3])}); a run replaces its "
                 "folder as a whole: choose an empty or new folder"
             )
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out.parent, prefix=f".{out.name}.check-"):
-            pass
-    except OSError as err:
+    err = writable(out.parent)
+    if err is not None:
         raise ValueError(
-            f"--out {out} cannot be written ({err.strerror}); choose another folder"
+            f"--out {out} cannot be written ({err.strerror or err}); choose another folder"
         ) from err
     return out
 
@@ -128,35 +124,20 @@ def _save(result: Result, out: Path, report: bool, progress: bool) -> Path:
             stacklevel=3,
         )
         report = True
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.new-"))
-    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp's folder is private; a run folder is not
-    try:
+    with atomic_folder(out) as tmp:  # the new set written beside, then put in place whole
         arrays, record = _write(result, tmp)
         if report:
             from patchlab.report import write_report
 
             write_report(tmp, arrays, record, progress)
-        old = None
-        if out.exists():
-            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
-            os.replace(out, old / "run")  # the old set, moved aside whole
-        os.replace(tmp, out)  # the new set, in place whole
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
 def _clean_leftovers(out: Path) -> None:
     """Remove what killed saves left beside ``out``; put back an old set if ``out`` is gone."""
-    for left in sorted(out.parent.glob(f".{out.name}.old-*")):
-        if not out.exists() and (left / "run").is_dir():
-            os.replace(left / "run", out)  # killed between the two renames: the old set
-        shutil.rmtree(left, ignore_errors=True)
-    for left in out.parent.glob(f".{out.name}.new-*"):
-        shutil.rmtree(left, ignore_errors=True)
+    clean_leftovers(out)  # killed between the two renames: the old set put back
+    if out.is_dir():
+        clean_leftovers(out / "overlays")  # a killed `patchlab report`'s
     for left in out.glob(f"{REPORT_LEFTOVER}*") if out.is_dir() else ():
         shutil.rmtree(left, ignore_errors=True)  # a killed `patchlab report`'s folder
 

@@ -27,6 +27,7 @@ from PIL import Image
 from scipy import ndimage
 from tqdm.auto import tqdm
 
+from patchlab.atomic import replace_folder
 from patchlab.metrics import format_metric, pixel_roc_curve, pro_curve, roc_curve
 from patchlab.viz import image_name, map_range
 
@@ -113,8 +114,7 @@ def report_from_folder(folder: str | Path, progress: bool = True) -> list[Path]:
     tmp = Path(tempfile.mkdtemp(dir=folder, prefix=REPORT_LEFTOVER))
     try:
         write_report(tmp, maps, metrics, progress)
-        shutil.rmtree(folder / "overlays", ignore_errors=True)
-        os.replace(tmp / "overlays", folder / "overlays")
+        replace_folder(tmp / "overlays", folder / "overlays")  # each put in place whole
         os.replace(tmp / "report.html", folder / "report.html")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
