@@ -22,9 +22,8 @@ from patchlab.cache import (
     cache_folder,
     coreset_stem,
     feature_key,
-    find_prefix,
     neighbour_stem,
-    read_entry,
+    read_through,
     resolve_device,
 )
 from patchlab.config import RunConfig
@@ -86,19 +85,17 @@ def neighbour_table(
         return d.shape == i.shape == (n_rows, need) and int(i.max(initial=0)) < n_bank
         # (a broken file raises while loading; read_entry removes it either way)
 
-    while (cached := find_prefix(folder, stem, "k", need)) is not None:
-        table = read_entry(cached, load, complete)
-        if table is not None:
-            distances = torch.from_numpy(np.ascontiguousarray(table[0]))
-            indices = torch.from_numpy(table[1].astype(np.int64))
-            return Neighbours(distances, indices, config.exclude), bank_rows
-    table = _search(features, pool, bank_rows, config, progress, blind=bank is None)
-    atomic_save(
-        folder / f"{stem}-k{need}.npz",
-        distances=table.distances.numpy(),
-        indices=table.indices.numpy().astype(np.int32),
-    )
-    return table, bank_rows
+    def compute() -> tuple[np.ndarray, np.ndarray]:
+        table = _search(features, pool, bank_rows, config, progress, blind=bank is None)
+        return table.distances.numpy(), table.indices.numpy()
+
+    def save(path: Path, table: tuple[np.ndarray, np.ndarray]) -> None:
+        atomic_save(path, distances=table[0], indices=table[1].astype(np.int32))
+
+    distances, indices = read_through(folder, stem, load, complete, compute, save, ("k", need))
+    distances = torch.from_numpy(np.ascontiguousarray(distances))
+    indices = torch.from_numpy(indices.astype(np.int64))
+    return Neighbours(distances, indices, config.exclude), bank_rows
 
 
 def _check_bank_size(config: RunConfig, n_bank: int) -> None:
@@ -160,11 +157,12 @@ def coreset_rows(
     def valid(rows: np.ndarray) -> bool:
         return rows.ndim == 1 and len(rows) >= m and 0 <= rows.min() and rows.max() < len(pool)
 
-    while (cached := find_prefix(folder, stem, "m", m)) is not None:
-        rows = read_entry(cached, np.load, valid)
-        if rows is not None:
-            return torch.from_numpy(rows[:m].astype(np.int64))
-    rows = greedy_coreset(pool.to(device), config.coreset, seed=config.seed, progress=progress)
-    rows = rows.cpu()
-    atomic_save(folder / f"{stem}-m{m}.npy", rows=rows.numpy())
-    return rows
+    def compute() -> np.ndarray:
+        picks = greedy_coreset(pool.to(device), config.coreset, seed=config.seed, progress=progress)
+        return picks.cpu().numpy()
+
+    def save(path: Path, picks: np.ndarray) -> None:
+        atomic_save(path, rows=picks)
+
+    rows = read_through(folder, stem, np.load, valid, compute, save, ("m", m))
+    return torch.from_numpy(rows[:m].astype(np.int64))

@@ -27,7 +27,9 @@ import json
 import os
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -35,6 +37,8 @@ import torch
 from patchlab.atomic import TMP_SUFFIX, atomic_file, writable
 from patchlab.backbones import get_backbone, weights_identity
 from patchlab.hashing import file_digest
+
+T = TypeVar("T")
 
 FEATURE_VERSION = 4  # bump whenever the features computed for the same settings change
 _STARTED = time.time()  # temporary files older than this process belong to killed runs
@@ -133,6 +137,45 @@ def find_prefix(folder: Path, stem: str, tag: str, need: int) -> Path | None:
         (p for p in folder.glob(f"{stem}-{tag}*") if not p.name.endswith(TMP_SUFFIX)), key=length
     )
     return next((p for p in found if length(p) >= need), None)
+
+
+def read_through(
+    folder: Path,
+    stem: str,
+    load: Callable[[Path], T],
+    check: Callable[[T], bool],
+    compute: Callable[[], T],
+    save: Callable[[Path, T], None],
+    grows: tuple[str, int] | None = None,
+) -> T:
+    """The cache's one loop: look the entry up, read it, check it; else compute and save it.
+
+    The entry is ``folder/<stem><suffix>`` (``.npz`` for neighbour tables, ``.npy`` for the
+    rest). A prefix-complete entry (greedy picks, neighbour tables) ``grows``: with ``(tag,
+    need)`` any cached ``<stem>-<tag><n>`` with n >= need serves (``load`` cuts it to
+    ``need``), and a computed one is saved as ``<stem>-<tag><need>``. A broken entry is
+    removed with a warning (:func:`read_entry`) and the next candidate tried.
+    """
+    suffix = ".npz" if stem.startswith("neighbours-") else ".npy"
+    if grows is None:
+        candidates = iter([folder / f"{stem}{suffix}"])
+        name = f"{stem}{suffix}"
+    else:
+        tag, need = grows
+        candidates = iter(lambda: find_prefix(folder, stem, tag, need), None)
+        name = f"{stem}-{tag}{need}{suffix}"
+    for path in candidates:
+        value = read_entry(path, load, check)
+        if value is not None:
+            return value
+    value = compute()
+    save(folder / name, value)
+    return value
+
+
+def feature_stem(kind: str, key: str) -> str:
+    """Name of the patch (``kind="patch"``) or global features of the images named ``key``."""
+    return f"{'features' if kind == 'patch' else 'global'}-{key}"
 
 
 def read_entry(path: Path, load, check=lambda value: True):

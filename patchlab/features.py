@@ -24,7 +24,14 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from patchlab.backbones import build_backbone, get_backbone
-from patchlab.cache import atomic_save, cache_folder, feature_key, read_entry, resolve_device
+from patchlab.cache import (
+    atomic_save,
+    cache_folder,
+    feature_key,
+    feature_stem,
+    read_through,
+    resolve_device,
+)
 from patchlab.data import ImageSet
 from patchlab.images import preprocess, read_rgb
 
@@ -115,25 +122,21 @@ def extract_features(
         raise ValueError(f"kind={kind!r} is unknown; choose 'patch' or 'global'")
     setting = dict(backbone=backbone, weights=weights, seed=seed, resize=resize, crop=crop)
     key = feature_key(images.paths, **setting, local=local if kind == "patch" else 3)
-    stem = "features" if kind == "patch" else "global"
-    path = cache_folder(cache_dir) / f"{stem}-{key}.npy"
     spec = get_backbone(backbone)
     width = spec.dim if kind == "patch" else spec.global_dim
 
     def complete(a: np.ndarray) -> bool:  # a truncated or foreign file fails this
         return a.shape[0] == len(images) and a.shape[-1] == width and bool(np.isfinite(a).all())
 
-    cached = read_entry(path, np.load, complete)
-    if cached is not None:
-        return torch.from_numpy(cached)
-
-    if scheduler is None:
-        model = build_backbone(backbone, weights, seed).to(resolve_device(device))
-        features = forward(images.paths, model, kind, resize, crop, batch_size, progress, local)
-    else:
+    def compute() -> np.ndarray:
+        if scheduler is None:
+            model = build_backbone(backbone, weights, seed).to(resolve_device(device))
+            return forward(
+                images.paths, model, kind, resize, crop, batch_size, progress, local
+            ).numpy()
         from patchlab.distributed import connect, forward_on_cluster
 
-        features = forward_on_cluster(
+        return forward_on_cluster(
             connect(scheduler),
             forward,
             list(images.paths),
@@ -143,9 +146,13 @@ def extract_features(
             local=local,
             device=str(device),
             progress=progress,
-        )
-    atomic_save(path, features=features.numpy())
-    return features
+        ).numpy()
+
+    def save(path: Path, array: np.ndarray) -> None:
+        atomic_save(path, features=array)
+
+    folder, stem = cache_folder(cache_dir), feature_stem(kind, key)
+    return torch.from_numpy(read_through(folder, stem, np.load, complete, compute, save))
 
 
 def forward(
