@@ -24,17 +24,15 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from scipy import ndimage
 from tqdm.auto import tqdm
 
 from patchlab.atomic import replace_folder
 from patchlab.metrics import format_metric, pixel_roc_curve, pro_curve, roc_curve
-from patchlab.viz import image_name, map_range
+from patchlab.viz import image_name, map_range, overlay_image
 
 REPORT_LEFTOVER = ".report-"  # the prefix of a report drawn beside a run (a killed one's stays)
 
 N_SHOW = 8  # images in the report and its overlays, most anomalous first
-CYAN = np.array([0, 255, 255], np.uint8)
 
 
 def write_report(
@@ -64,7 +62,9 @@ def write_report(
     zrange = map_range(maps["maps"])  # one colour scale for the set, as the widgets
     for rank, (i, picture) in enumerate(zip(shown, pictures, strict=True)):
         path = folder / "overlays" / f"{rank + 1:02d}_{names[rank]}.png"
-        Image.fromarray(overlay(picture, maps["maps"][i], maps["masks"][i], zrange)).save(path)
+        Image.fromarray(overlay_image(picture, maps["maps"][i], maps["masks"][i], zrange)).save(
+            path
+        )
         written.append(path)
         bar.update()
     page = folder / "report.html"
@@ -119,52 +119,6 @@ def report_from_folder(folder: str | Path, progress: bool = True) -> list[Path]:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return [*sorted((folder / "overlays").glob("*.png")), folder / "report.html"]
-
-
-def overlay(
-    picture: np.ndarray,
-    amap: np.ndarray,
-    mask: np.ndarray | None = None,
-    zrange: tuple[float, float] | None = None,
-    alpha: float = 0.5,
-) -> np.ndarray:
-    """An image with its anomaly map blended over it and the mask outlined.
-
-    Parameters
-    ----------
-    picture : (S, S, 3) uint8
-    amap : (S, S) float, the anomaly map
-    mask : (S, S), optional; its outline (the mask's border pixels) is drawn in cyan
-    zrange : (low, high) of the colour scale (the whole set's, so images compare)
-    alpha : weight of the map's colour
-
-    Returns
-    -------
-    (S, S, 3) uint8
-    """
-    low, high = zrange or (float(amap.min()), float(amap.max()))
-    level = np.clip((amap - low) / max(high - low, 1e-12), 0, 1)
-    colour = _INFERNO[np.round(level * 255).astype(int)]
-    out = (1 - alpha) * picture.astype(np.float32) + alpha * colour
-    out = np.clip(out, 0, 255).astype(np.uint8)
-    if mask is not None and mask.any():
-        inside = mask.astype(bool)
-        border = inside & ~ndimage.binary_erosion(inside, border_value=0)
-        out[ndimage.binary_dilation(border)] = CYAN
-    return out
-
-
-def _inferno() -> np.ndarray:
-    """plotly's Inferno colour scale (the widgets' and figures') as a 256-entry table."""
-    from plotly.colors import hex_to_rgb, sequential
-
-    stops = np.array([hex_to_rgb(c) for c in sequential.Inferno], np.float32)
-    x = np.linspace(0, 1, len(stops))
-    grid = np.linspace(0, 1, 256)
-    return np.stack([np.interp(grid, x, stops[:, c]) for c in range(3)], 1)
-
-
-_INFERNO = _inferno()
 
 
 def _html(maps: dict, metrics: dict, shown: np.ndarray, pictures: np.ndarray) -> str:

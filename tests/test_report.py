@@ -20,7 +20,8 @@ from scipy.stats import spearmanr
 from sklearn.metrics import roc_curve
 
 from patchlab.cli import main
-from patchlab.report import CYAN, N_SHOW
+from patchlab.report import N_SHOW
+from patchlab.viz import MASK_RGB as CYAN
 
 
 @pytest.fixture(scope="module")

@@ -48,10 +48,11 @@ from patchlab.viz.neighbours import (
     umap_embedding,
     umap_figure,
 )
-from patchlab.viz.scoring import cell_traces, map_range, overlay_grid
+from patchlab.viz.scoring import MASK_RGB, cell_traces, map_range, overlay_grid, overlay_image
 
 __all__ = [
     "MAP_COLORS",
+    "MASK_RGB",
     "PATCH",
     "outline",
     "cell_traces",
@@ -69,6 +70,7 @@ __all__ = [
     "map_range",
     "neighbour_crops_figure",
     "overlay_grid",
+    "overlay_image",
     "patch_crop",
     "patch_scores_figure",
     "png_bytes",

@@ -78,6 +78,7 @@ def umap_figure(
     hover: Sequence[str],
     customdata: Sequence[int] | None = None,
     title: str = "UMAP of the memory bank",
+    styles: dict[str, dict] | None = None,
 ) -> go.Figure:
     """A 2-D scatter of patch features, one trace per group (in order of first appearance).
 
@@ -87,13 +88,15 @@ def umap_figure(
     groups : m group names (legend entries), e.g. "bank", "normal query", "its neighbours"
     hover : m hover texts (source image and patch position)
     customdata : m ints (e.g. bank rows) for callbacks
+    styles : {group: plotly marker dict} for groups drawn otherwise than the default ("bank":
+        small light grey; "query": a star; the rest: coloured circles)
     """
     embedding = np.asarray(embedding)
     groups = np.asarray(groups)
     hover = np.asarray(hover)
     custom = np.asarray(customdata if customdata is not None else np.arange(len(embedding)))
     fig = go.Figure()
-    styles = {"bank": dict(size=4, color="lightgrey", opacity=0.6)}
+    styles = {"bank": dict(size=4, color="lightgrey", opacity=0.6), **(styles or {})}
     palette = ["#1f77b4", "#2ca02c", "#d62728", "#ff7f0e", "#9467bd", "#8c564b"]
     for j, name in enumerate(dict.fromkeys(groups.tolist())):
         sel = groups == name

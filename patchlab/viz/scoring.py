@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import numpy as np
 import plotly.graph_objects as go
+from plotly.colors import hex_to_rgb, sequential
 from plotly.subplots import make_subplots
+from scipy import ndimage
 
 from patchlab.viz._common import MAP_COLORS, data_uri, hide_axes
+
+MASK_RGB = (0, 255, 255)  # the defect outline (cyan) in figures and overlay images
 
 
 def map_range(maps: np.ndarray) -> tuple[float, float]:
@@ -101,8 +106,51 @@ def _mask_trace(mask: np.ndarray, stride: int) -> go.Contour:
         **_strided(mask, stride),
         showscale=False,
         contours=dict(start=0.5, end=0.5, size=1, coloring="none"),
-        line=dict(color="cyan", width=1.5),
+        line=dict(color=f"rgb{MASK_RGB}", width=1.5),
         hoverinfo="skip",
         name="defect mask",
         showlegend=False,
     )
+
+
+def overlay_image(
+    picture: np.ndarray,
+    amap: np.ndarray,
+    mask: np.ndarray | None = None,
+    zrange: tuple[float, float] | None = None,
+    alpha: float = 0.5,
+) -> np.ndarray:
+    """An image with its anomaly map blended over it and the mask outlined, as pixels: what
+    :func:`overlay_grid` draws, for a PNG (the report's ``overlays/``).
+
+    Parameters
+    ----------
+    picture : (S, S, 3) uint8
+    amap : (S, S) float, the anomaly map
+    mask : (S, S), optional; its outline (the mask's border pixels) is drawn in ``MASK_RGB``
+    zrange : (low, high) of the colour scale (the whole set's, so images compare)
+    alpha : weight of the map's colour
+
+    Returns
+    -------
+    (S, S, 3) uint8
+    """
+    low, high = zrange or (float(amap.min()), float(amap.max()))
+    level = np.clip((amap - low) / max(high - low, 1e-12), 0, 1)
+    colour = _colour_table()[np.round(level * 255).astype(int)]
+    out = (1 - alpha) * picture.astype(np.float32) + alpha * colour
+    out = np.clip(out, 0, 255).astype(np.uint8)
+    if mask is not None and mask.any():
+        inside = mask.astype(bool)
+        border = inside & ~ndimage.binary_erosion(inside, border_value=0)
+        out[ndimage.binary_dilation(border)] = MASK_RGB
+    return out
+
+
+@functools.cache
+def _colour_table() -> np.ndarray:
+    """plotly's :data:`MAP_COLORS` scale (the figures' and widgets') as 256 RGB entries."""
+    stops = np.array([hex_to_rgb(c) for c in getattr(sequential, MAP_COLORS)], np.float32)
+    x = np.linspace(0, 1, len(stops))
+    grid = np.linspace(0, 1, 256)
+    return np.stack([np.interp(grid, x, stops[:, c]) for c in range(3)], 1)

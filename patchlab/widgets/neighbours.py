@@ -202,11 +202,13 @@ class NeighbourExplorer(Displays):
             hover.append(self.describe(r))
         groups_all = [*groups, "neighbours of the query", "query"]
         emb = np.concatenate([self.embedding, np.zeros((2, 2), np.float32)])
-        fig = viz.umap_figure(emb, groups_all, [*hover, "", ""], [*self.rows, -1, -1])
-        for trace in fig.data[:-2]:
-            inside = "defect" in trace.name
-            trace.marker.update(size=5 if inside else 4, color="#e377c2" if inside else "#bbbbbb")
-        return fig
+        styles = {
+            "bank: patch inside a defect": dict(size=5, color="#e377c2"),
+            "bank: normal patch": dict(size=4, color="#bbbbbb"),
+        }
+        return viz.umap_figure(
+            emb, groups_all, [*hover, "", ""], [*self.rows, -1, -1], styles=styles
+        )
 
     def _show_image(self, i: int) -> None:
         qi, qr, qc = self.position(self.query)
