@@ -434,3 +434,28 @@ def test_exact_rerank_breaks_ties_by_index():
     assert idx.tolist() == [[0, 1, 2]] and d2.tolist() == [[1.0, 1.0, 1.0]]
     d2, idx = rerank(query, bank, torch.tensor([[3, -1]]), 2)  # fewer candidates than k
     assert idx.tolist() == [[3, -1]] and d2[0, 1] == float("inf")
+
+
+def test_backends_come_from_the_registry(monkeypatch):
+    """A backend is one entry of SEARCHES (a module with a ``search``): knn dispatches by it."""
+    import sys
+    import types
+
+    import patchlab.knn as knn_module
+    from patchlab.knn import _gemm
+
+    assert knn_module.BACKENDS == ("auto", *knn_module.SEARCHES)
+    calls = []
+
+    def search(*args):
+        calls.append(args[2])  # k asked of the fast pass
+        return _gemm.search(*args)
+
+    monkeypatch.setitem(sys.modules, "fake_backend", types.SimpleNamespace(search=search))
+    monkeypatch.setitem(knn_module.SEARCHES, "torch", "fake_backend")
+    x = torch.randn(300, 8, generator=torch.Generator().manual_seed(0))
+    table = knn(x, 4, progress=False)
+    assert calls and calls[0] >= 4
+    d = torch.cdist(x.double(), x.double())
+    d.fill_diagonal_(float("inf"))
+    assert torch.equal(table.indices, d.topk(4, largest=False).indices)

@@ -28,12 +28,14 @@ What counts as "the feature itself" (``exclude``):
 
 from __future__ import annotations
 
+import importlib
 import math
 from dataclasses import dataclass, replace
 
 import torch
 
 from patchlab.knn._checks import EXCLUDE_MODES, _excluded_count, check_arguments
+from patchlab.knn._common import Search
 from patchlab.knn._exact import rerank, uncertain_rows
 from patchlab.knn._gemm import nearest_per_group
 from patchlab.knn._precision import bf16_pays, bf16_pool
@@ -43,7 +45,10 @@ __all__ += ["check_arguments"]
 __all__ += ["nearest_per_group"]
 
 KNN_VERSION = 3  # bump whenever the tables computed for the same inputs change (cache keys)
-BACKENDS = ("auto", "torch", "keops")
+# the backends: each a module whose ``search`` follows :class:`patchlab.knn._common.Search`,
+# imported on first use (pykeops is optional). A new backend is one entry here.
+SEARCHES = {"torch": "patchlab.knn._gemm", "keops": "patchlab.knn._keops"}
+BACKENDS = ("auto", *SEARCHES)
 PRECISIONS = ("auto", "fp32", "tf32", "bf16", "fp64")
 CERTIFIED = ("fp32", "bf16")  # fast passes whose rounding is bounded row by row (_precision)
 BF16_MAX_POOL = 2  # auto keeps a bf16 pass whose sampled pool is at most this many times k
@@ -141,30 +146,19 @@ class Engine:
             raise ValueError("pool must be >= 0 and block_size >= 1")
 
     def resolve(self, device: torch.device, n_bank: int, symmetric: bool, d: int) -> Engine:
-        """Every ``auto`` replaced by a concrete choice, by the rules measured with
-        ``benchmarks/knn.py`` (docs/performance.md):
+        """Every ``auto`` replaced by a concrete choice. The measurements behind each rule
+        are in docs/performance.md ("How auto chooses"), from ``benchmarks/knn.py``.
 
-        - backend: ``torch``. The blocked GEMM beat KeOps on the CPU at every size measured
-          (50 000 x 64: 4.5 s against 50.7 s with native flags; 50 000 x 1024: 3.0 s against
-          a projected 1716 s), and KeOps 2.3 crashed on the CUDA machine measured.
-        - precision: ``bf16`` on a CPU with bf16 instructions where its GEMM measured at
+        - backend: ``torch`` (the blocked GEMM beat KeOps on the CPU at every size measured).
+        - precision: ``bf16`` on a CPU with bf16 instructions whose bf16 GEMM measures at
           least 1.5x the float32 one, for banks of 20 000 rows or more
-          (:func:`patchlab.knn._precision.bf16_pays`, a calibration of a few milliseconds
-          once per process) and whose sampled pool is at most 2 k (more candidates would
-          cost more merging and re-ranking than the GEMM saves); ``fp32`` otherwise. The
-          rule is reasoned, not measured: the CPUs measured so far lack bf16 instructions
-          or were not lent (docs/performance.md). Both are certified row by row (rows they
-          cannot certify are searched again in float64, :mod:`patchlab.knn._exact`).
-          ``tf32`` was 1.4x faster on one H200 (300 000 x 1024) and matched float64 as often
-          on real features, but its rounding is too coarse to certify: it is offered, never
-          chosen.
-        - merge: compiled ``heaps`` on the CPU (2.6 s against 7.8 s of merging at
-          50 000 x 1024), the ``torch`` merge on CUDA.
+          (:func:`patchlab.knn._precision.bf16_pays`, a calibration once per process), and
+          whose sampled pool is at most :data:`BF16_MAX_POOL` x k; ``fp32`` otherwise. Both
+          are certified row by row (rows they cannot certify are searched again in float64,
+          :mod:`patchlab.knn._exact`); ``tf32`` cannot be certified: offered, never chosen.
+        - merge: compiled ``heaps`` on the CPU, the ``torch`` merge on CUDA.
         - skip: a CPU self-kNN of at least 8192 rows whose bound table fits in 256 MB, at
-          d >= 512, with the ``heaps`` merge and float32 GEMMs. On real features it paid at
-          1024-d (50 000 rows, K = 100: 30.9 s -> 20.0 s) and cost at 152-d (31 360 rows,
-          K = 25: 2.4 s -> 3.3 s: no pair could be skipped, and the cluster blocks make
-          smaller GEMMs).
+          d >= :data:`SKIP_MIN_D`, with the ``heaps`` merge and float32 GEMMs.
         - block_size: 2048 on the CPU; up to 16384 on CUDA, by free memory.
         """
         backend = "torch" if self.backend == "auto" else self.backend
@@ -263,10 +257,7 @@ def knn(
     k_search = k + 1 if exclude == "nearest" else k
     n_b = bank_.shape[0]
     excluded = _excluded_count(*ids, *groups)
-    if engine.backend == "keops":
-        from patchlab.knn._keops import search
-    else:
-        from patchlab.knn._gemm import search
+    search: Search = importlib.import_module(SEARCHES[engine.backend]).search
     # everything runs on features scaled by a power of two (exact) into a safe range, so that
     # no squared distance overflows or underflows; the distances are scaled back at the end
     scale = _safe_scale(queries, bank_)

@@ -1,10 +1,48 @@
-"""Helpers every kNN backend shares: centring, and masking the excluded pairs of a block."""
+"""What every kNN backend shares: its contract (:class:`Search`), centring, and masking the
+excluded pairs of a block."""
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, Protocol
 
 import torch
+
+if TYPE_CHECKING:
+    from patchlab.knn import Engine
+
+Keys = tuple[torch.Tensor | None, torch.Tensor | None]  # (query key, bank key), or (None, None)
+
+
+class Search(Protocol):
+    """A backend's fast pass: the ``k`` nearest candidates of every query, in its precision.
+
+    Parameters
+    ----------
+    queries : (n_q, d) and bank : (n_b, d), float, on one device (scaled by
+        :func:`patchlab.knn.knn` into a safe range); ``symmetric``: the bank is the queries.
+    k : candidates per row (the k asked for plus the certification pool).
+    ids, groups : :data:`Keys`; a pair of rows whose keys are equal is excluded.
+    engine : the resolved :class:`patchlab.knn.Engine` (precision, block size, merge...).
+    progress : show a progress bar.
+
+    Returns
+    -------
+    (squared distances (n_q, k) ascending, bank indices (n_q, k) int64); entries that cannot
+    be filled are (+inf, -1). :func:`patchlab.knn._exact.rerank` ranks them exactly.
+    """
+
+    def __call__(
+        self,
+        queries: torch.Tensor,
+        bank: torch.Tensor,
+        k: int,
+        symmetric: bool,
+        ids: Keys,
+        groups: Keys,
+        engine: Engine,
+        progress: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 def centred(
