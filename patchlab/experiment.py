@@ -155,7 +155,26 @@ def size_inputs(
 
 
 def run(config: RunConfig, progress: bool = True) -> Result:
-    """Run the whole pipeline once; features and neighbours come from the cache when present."""
+    """Run the whole pipeline once; features and neighbours come from the cache when present.
+
+    Examples
+    --------
+    A small demo category, the paper's PatchCluster with K = 3 (pretrained Lite0 features):
+
+    >>> import tempfile
+    >>> from patchlab.config import PAPER_SETTINGS, RunConfig
+    >>> from patchlab.demo import make_demo_data
+    >>> tmp = tempfile.mkdtemp()
+    >>> root = make_demo_data(tmp + "/demo", categories=["brick"], n_train=2, n_test_good=3,
+    ...                       n_defective=3)
+    >>> config = RunConfig(data=str(root), category="brick", k=3, k_max=5,
+    ...                    cache_dir=tmp + "/cache", **PAPER_SETTINGS)
+    >>> result = run(config, progress=False)
+    >>> result.maps.shape, result.image_scores.shape  # test setting: 3 good + 3 defective
+    ((6, 224, 224), (6,))
+    >>> sorted(result.metrics)[:4]
+    ['backbone', 'feature_dim', 'image_auroc', 'image_auroc_by_score']
+    """
     images, inputs, masks, seconds = prepare(config, progress)
     result = rescore(config, images, inputs, masks, progress=progress)
     result.metrics["seconds"] = {**seconds, **result.metrics["seconds"]}
@@ -184,6 +203,24 @@ def rescore(
     ``patch_scores`` (n * h * w,) are the method's scores when the caller kept them from an
     earlier call (:attr:`Result.patch_scores`): a method that ignores K (mutual scoring,
     PaDiM) is then not computed again when only the image score or the display changes.
+
+    Examples
+    --------
+    Another K from what :func:`prepare` (or :func:`run`) computed, without any kNN:
+
+    >>> import tempfile
+    >>> from dataclasses import replace
+    >>> from patchlab.config import PAPER_SETTINGS, RunConfig
+    >>> from patchlab.demo import make_demo_data
+    >>> tmp = tempfile.mkdtemp()
+    >>> root = make_demo_data(tmp + "/demo", categories=["brick"], n_train=2, n_test_good=3,
+    ...                       n_defective=3)
+    >>> config = RunConfig(data=str(root), category="brick", k=3, k_max=5,
+    ...                    cache_dir=tmp + "/cache", **PAPER_SETTINGS)
+    >>> images, inputs, masks, _ = prepare(config, progress=False)
+    >>> k5 = rescore(replace(config, k=5), images, inputs, masks)
+    >>> k5.patch_scores.shape  # one score per 8 x 8 patch of each image
+    torch.Size([6, 28, 28])
     """
     t0 = time.perf_counter()
     prepared = (inputs.local, *(x.local for x in inputs.others))

@@ -247,6 +247,21 @@ def knn(
     Neighbours
         ``distances`` (n_queries, k) ascending, float64 when the queries or the bank are
         float64 (float32 otherwise), and ``indices`` (n_queries, k) int64.
+
+    Examples
+    --------
+    Four points on a line; each one's two nearest others (a self-kNN excludes the point):
+
+    >>> import torch
+    >>> from patchlab.knn import knn
+    >>> x = torch.tensor([[0.0], [1.0], [3.0], [7.0]])
+    >>> table = knn(x, 2, progress=False)
+    >>> table.indices.tolist()
+    [[1, 2], [0, 2], [1, 0], [2, 1]]
+    >>> table.distances.tolist()
+    [[1.0, 3.0], [1.0, 2.0], [2.0, 3.0], [4.0, 6.0]]
+    >>> table.indices[:, :1].tolist()  # any smaller K is a slice of the same table
+    [[1], [0], [1], [2]]
     """
     symmetric = bank is None
     queries, bank_, ids, groups = check_arguments(
