@@ -5,14 +5,17 @@
     table         = the k_max nearest bank entries of every patch, the patch itself excluded
                     (:mod:`patchlab.knn`), computed once and sliced for any K <= k_max
 
-Both go through :mod:`patchlab.cache` (greedy picks and tables are prefix-complete: a longer
-cached entry serves a shorter request).
+:func:`build_bank` makes the :class:`MemoryBank`, :func:`neighbour_table` the table. Both go
+through :mod:`patchlab.cache` (greedy picks and tables are prefix-complete: a longer cached
+entry serves a shorter request).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -21,60 +24,94 @@ from patchlab.cache import (
     atomic_save,
     cache_folder,
     coreset_stem,
-    feature_key,
     neighbour_stem,
     read_through,
     resolve_device,
 )
-from patchlab.config import RunConfig
 from patchlab.coreset import greedy_coreset
-from patchlab.data import ImageSet
 from patchlab.knn import Neighbours, knn
 
+if TYPE_CHECKING:
+    from patchlab.config import RunConfig
 
-def feature_settings(config: RunConfig) -> dict:
-    """The settings that name a config's features in the cache (:func:`feature_key`)."""
-    return dict(
-        backbone=config.backbone,
-        weights=config.weights,
-        seed=config.seed,
-        resize=config.resize,
-        crop=config.crop,
-        local=config.local_sizes[0],
-    )
+
+@dataclass(frozen=True)
+class MemoryBank:
+    """The memory bank M: the patch features every patch of the set is compared with.
+
+    Attributes
+    ----------
+    source : torch.Tensor, shape (n_s, h, w, d)
+        Patch features of the images the bank is drawn from: the set itself (``blind``) or
+        another image set (one-class: train/good).
+    rows : torch.Tensor, shape (m,), int64, or None
+        The patches of ``source`` (flattened, image-major) that form the bank: a coreset;
+        None when every patch does.
+    blind : bool
+        True when the source is the set itself: a patch is then in the bank, and the
+        exclusions (``self``, ``nearest``, ``image``) apply.
+    key : str
+        The cache key of the source features (:func:`patchlab.cache.feature_key`).
+    """
+
+    source: torch.Tensor
+    rows: torch.Tensor | None
+    blind: bool
+    key: str
+
+    @property
+    def features(self) -> torch.Tensor:
+        """The bank's entries, (m, d): row j of the neighbour table's indices is entry j."""
+        flat = self.source.reshape(-1, self.source.shape[-1])
+        return flat if self.rows is None else flat[self.rows.to(flat.device)]
+
+    @property
+    def ids(self) -> torch.Tensor:
+        """(m,) int64: each entry's patch index in the source (:attr:`rows`, or positions)."""
+        n = self.source[..., 0].numel()
+        return torch.arange(n) if self.rows is None else self.rows.cpu()
+
+    @property
+    def groups(self) -> torch.Tensor:
+        """(m,) int64: the source image of each entry."""
+        return self.ids // (self.source.shape[1] * self.source.shape[2])
+
+    def __len__(self) -> int:
+        return self.source[..., 0].numel() if self.rows is None else len(self.rows)
+
+    def position(self, entry: int) -> tuple[int, int, int]:
+        """(image, grid row, grid column) in the source of bank entry ``entry``."""
+        h, w = self.source.shape[1:3]
+        i, p = divmod(int(self.ids[entry]), h * w)
+        return i, p // w, p % w
+
+
+def build_bank(
+    source: torch.Tensor, key: str, config: RunConfig, blind: bool, progress: bool = True
+) -> MemoryBank:
+    """The memory bank of ``source`` (n_s, h, w, d): every patch, or the greedy coreset of
+    ``config.coreset`` of them (:func:`coreset_rows`, cached under ``key``)."""
+    rows = None
+    if config.coreset < 1:
+        rows = coreset_rows(source.reshape(-1, source.shape[-1]), key, config, progress)
+    bank = MemoryBank(source, rows, blind, key)
+    _check_bank_size(config, len(bank))
+    return bank
 
 
 def neighbour_table(
-    images: ImageSet,
     features: torch.Tensor,
+    key: str,
+    bank: MemoryBank,
     config: RunConfig,
     progress: bool = True,
-    bank_images: ImageSet | None = None,
-    bank: torch.Tensor | None = None,
-) -> tuple[Neighbours, torch.Tensor | None]:
-    """The (n_patches, k_max) table of every patch against the memory bank, cached.
-
-    The memory bank is every patch of the set (blind), or of ``bank`` (the features of
-    ``bank_images``, one-class), or a greedy coreset of those (``config.coreset < 1``). A
-    cached table computed for a larger k_max is sliced rather than recomputed.
-
-    Returns
-    -------
-    (table, bank_rows): ``bank_rows`` (m,) int64 are the coreset's patch indices, or None.
-    """
-    options = feature_settings(config)
-    key = feature_key(images.paths, **options)
-    bank_key = None if bank is None else feature_key(bank_images.paths, **options)
-    source = features if bank is None else bank
-    pool = source.reshape(-1, source.shape[-1])
-    bank_rows = None
-    if config.coreset < 1:
-        bank_rows = coreset_rows(pool, bank_key or key, config, progress)
+) -> Neighbours:
+    """The (n * h * w, k_max) table of every patch of ``features`` (n, h, w, d), the set
+    named ``key``, against ``bank``, cached. A cached table computed for a larger k_max is
+    sliced rather than recomputed."""
     folder, need = cache_folder(config.cache_dir), config.table_k
-    stem = neighbour_stem(key, config.exclude, bank_rows, bank_key)
-    n_rows = features[..., 0].numel()
-    n_bank = len(pool) if bank_rows is None else len(bank_rows)
-    _check_bank_size(config, n_bank)
+    stem = neighbour_stem(key, config.exclude, bank.rows, None if bank.blind else bank.key)
+    n_rows, n_bank = features[..., 0].numel(), len(bank)
 
     def load(path: Path) -> tuple[np.ndarray, np.ndarray]:
         with np.load(path) as z:
@@ -86,7 +123,7 @@ def neighbour_table(
         # (a broken file raises while loading; read_entry removes it either way)
 
     def compute() -> tuple[np.ndarray, np.ndarray]:
-        table = _search(features, pool, bank_rows, config, progress, blind=bank is None)
+        table = _search(features, bank, config, progress)
         return table.distances.numpy(), table.indices.numpy()
 
     def save(path: Path, table: tuple[np.ndarray, np.ndarray]) -> None:
@@ -95,7 +132,7 @@ def neighbour_table(
     distances, indices = read_through(folder, stem, load, complete, compute, save, ("k", need))
     distances = torch.from_numpy(np.ascontiguousarray(distances))
     indices = torch.from_numpy(indices.astype(np.int64))
-    return Neighbours(distances, indices, config.exclude), bank_rows
+    return Neighbours(distances, indices, config.exclude)
 
 
 def _check_bank_size(config: RunConfig, n_bank: int) -> None:
@@ -110,34 +147,26 @@ def _check_bank_size(config: RunConfig, n_bank: int) -> None:
     )
 
 
-def _search(features, pool, bank_rows, config, progress, blind) -> Neighbours:
-    """The kNN of every patch of ``features`` against ``pool`` (or its ``bank_rows``)."""
+def _search(features: torch.Tensor, bank: MemoryBank, config: RunConfig, progress) -> Neighbours:
+    """The kNN of every patch of ``features`` against ``bank``: one call of the one kNN (a
+    self-kNN with symmetric blocks when the bank is the whole set)."""
     n, h, w, d = features.shape
     queries = features.reshape(n * h * w, d)
-    groups = torch.arange(n).repeat_interleave(h * w)
     kw: dict = dict(exclude=config.exclude, engine=config.engine(), progress=progress)
-    need = config.table_k
     search = knn
     if config.scheduler is not None:  # the same search, in row strips on a Dask cluster
         from patchlab.distributed import connect, knn_on_cluster
 
         search = partial(knn_on_cluster, connect(config.scheduler))
-    if blind and bank_rows is None:  # the self-kNN: symmetric blocks
-        table = search(queries, need, query_groups=groups, **kw)
-    elif blind:  # a coreset of the set's own patches: rows keep their patch identity
-        table = search(
-            queries,
-            need,
-            pool[bank_rows.to(pool.device)],
-            query_ids=torch.arange(n * h * w),
-            bank_ids=bank_rows,
-            query_groups=groups,
-            bank_groups=groups[bank_rows],
-            **kw,
-        )
-    else:  # one-class: the bank is another image set, nothing to exclude
-        bank = pool if bank_rows is None else pool[bank_rows.to(pool.device)]
-        table = search(queries, need, bank, **kw)
+    groups = torch.arange(n).repeat_interleave(h * w)
+    if not bank.blind:  # one-class: the bank is another image set, nothing to exclude
+        table = search(queries, config.table_k, bank.features, **kw)
+    elif bank.rows is None:  # the self-kNN: symmetric blocks
+        table = search(queries, config.table_k, query_groups=groups, **kw)
+    else:  # a coreset of the set's own patches: rows keep their patch identity
+        ids = dict(query_ids=torch.arange(n * h * w), bank_ids=bank.ids)
+        groups = dict(query_groups=groups, bank_groups=bank.groups)
+        table = search(queries, config.table_k, bank.features, **ids, **groups, **kw)
     return Neighbours(table.distances.cpu(), table.indices.cpu(), config.exclude)
 
 

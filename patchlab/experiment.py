@@ -18,8 +18,14 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from patchlab.bank import feature_settings, neighbour_table
-from patchlab.cache import cache_folder, check_cache_folder, remove_orphans, resolve_device
+from patchlab.bank import build_bank, neighbour_table
+from patchlab.cache import (
+    cache_folder,
+    check_cache_folder,
+    feature_key,
+    remove_orphans,
+    resolve_device,
+)
 from patchlab.config import RunConfig
 from patchlab.data import ImageSet, load_folder, load_mvtec
 from patchlab.features import extract_features
@@ -69,6 +75,18 @@ def load_images(config: RunConfig, setting: str | None = None) -> ImageSet:
     if config.unlabeled:
         return load_folder(config.data)
     return load_mvtec(config.data, config.category, setting or config.setting)
+
+
+def feature_settings(config: RunConfig) -> dict:
+    """The settings that name a config's features in the cache (:func:`feature_key`)."""
+    return dict(
+        backbone=config.backbone,
+        weights=config.weights,
+        seed=config.seed,
+        resize=config.resize,
+        crop=config.crop,
+        local=config.local_sizes[0],
+    )
 
 
 def feature_options(config: RunConfig, progress: bool = False) -> dict:
@@ -141,17 +159,21 @@ def size_inputs(
     common = feature_options(config, progress)
     # on CUDA the features stay there: every method then runs on the GPU
     features = extract_features(images, **common).to(resolve_device(config.device))
-    bank_images, bank = None, None
-    if config.bank_setting is not None:  # one-class: the bank is another image set
-        bank_images = load_images(config, config.bank_setting)
-        bank = extract_features(bank_images, **common).to(features.device)
+    table, bank = None, None
     t1 = time.perf_counter()
-    table, bank_rows = None, None
-    if get_method(config.method).uses_table:
-        table, bank_rows = neighbour_table(images, features, config, progress, bank_images, bank)
+    if get_method(config.method).uses_table:  # the other methods read the set's features
+        key = feature_key(images.paths, **feature_settings(config))
+        source, source_key = features, key
+        if config.bank_setting is not None:  # one-class: the bank is another image set
+            bank_images = load_images(config, config.bank_setting)
+            source = extract_features(bank_images, **common).to(features.device)
+            source_key = feature_key(bank_images.paths, **feature_settings(config))
+        t1 = time.perf_counter()
+        bank = build_bank(source, source_key, config, config.bank_setting is None, progress)
+        table = neighbour_table(features, key, bank, config, progress)
     for stage, value in (("features", t1 - t0), ("neighbours", time.perf_counter() - t1)):
         seconds[stage] = round(seconds.get(stage, 0.0) + value, 3)
-    return ScoringInputs(features, table, bank_rows, glob, bank, local=local)
+    return ScoringInputs(features, table, bank, glob, local=local)
 
 
 def run(config: RunConfig, progress: bool = True) -> Result:
@@ -255,8 +277,7 @@ def rescore(
     t1 = time.perf_counter()
     labels = images.labels if images.has_labels else None
     metrics = evaluate_rules(labels, by_rule, rule, masks, maps, pixel_metrics)
-    source = inputs.features if inputs.bank is None else inputs.bank
-    n_bank = len(inputs.bank_rows) if inputs.bank_rows is not None else source[..., 0].numel()
+    n_bank = len(inputs.bank) if inputs.bank is not None else inputs.features[..., 0].numel()
     metrics |= {
         "negative_weights": negative,
         "n_images": n,

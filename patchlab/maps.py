@@ -84,8 +84,9 @@ def support_distances(
     top = patch_scores.reshape(n, -1).argmax(1) + torch.arange(n) * h * w  # f_i*, patch index
     f_star = bank[table.indices[top, 0].to(bank.device)]  # (n, d) nearest bank feature
     exclude = {"nearest": "self"}.get(table.exclude, table.exclude)
-    rows = inputs.bank_rows.cpu() if inputs.bank_rows is not None else torch.arange(len(bank))
+    rows = inputs.bank_ids()
     groups = torch.arange(n).repeat_interleave(h * w)
+    blind = inputs.bank is None or inputs.bank.blind
     support = knn(  # N_b(f*): f* is found first (distance 0), as it is not the query
         f_star,
         b,
@@ -94,7 +95,7 @@ def support_distances(
         query_ids=top,
         bank_ids=rows,
         query_groups=torch.arange(n),
-        bank_groups=groups[rows] if inputs.bank is None else None,
+        bank_groups=groups[rows] if blind else None,
         progress=False,
     )
     members = bank[support.indices.to(bank.device)].double()  # (n, b, d)

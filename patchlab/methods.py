@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from patchlab.bank import MemoryBank
 from patchlab.knn import Neighbours, knn, nearest_per_group
 
 
@@ -28,14 +29,11 @@ class ScoringInputs:
         Patch features of every image of the set.
     neighbours : Neighbours, optional
         Table of every patch (row ``i * h * w + p``) against the memory bank, k_max wide.
-    bank_rows : torch.Tensor, shape (m,), int64, optional
-        Patches that form the memory bank (a coreset); None when the bank is every patch.
+    bank : MemoryBank, optional
+        The memory bank the table was computed against (:mod:`patchlab.bank`): the set's own
+        patches or another set's (one-class), all or a coreset. None: every patch of the set.
     global_features : torch.Tensor, shape (n, c), optional
         One vector per image (for SPADE's image-level neighbours).
-    bank : torch.Tensor, shape (n_b, h, w, d), optional
-        Patch features of the images the memory bank is drawn from, when they are not the set
-        itself (one-class: train/good); ``bank_rows`` then index its patches. None in the
-        blind settings, where the bank is the set's own patches.
     local : int
         The locally aware neighbourhood size r the features were aggregated with.
     others : tuple of ScoringInputs
@@ -46,17 +44,21 @@ class ScoringInputs:
 
     features: torch.Tensor
     neighbours: Neighbours | None = None
-    bank_rows: torch.Tensor | None = None
+    bank: MemoryBank | None = None
     global_features: torch.Tensor | None = None
-    bank: torch.Tensor | None = None
     local: int = 3
     others: tuple[ScoringInputs, ...] = ()
 
     def bank_features(self) -> torch.Tensor:
-        """The memory bank, (m, d): the coreset rows of the bank's patches, or all of them."""
-        source = self.features if self.bank is None else self.bank
-        flat = source.reshape(-1, source.shape[-1])
-        return flat if self.bank_rows is None else flat[self.bank_rows.to(flat.device)]
+        """The memory bank's entries, (m, d) (every patch of the set when ``bank`` is None)."""
+        if self.bank is None:
+            return self.features.reshape(-1, self.features.shape[-1])
+        return self.bank.features
+
+    def bank_ids(self) -> torch.Tensor:
+        """(m,) int64: the patch index of each bank entry in its source (positions when the
+        bank is every patch)."""
+        return torch.arange(self.features[..., 0].numel()) if self.bank is None else self.bank.ids
 
     def table(self) -> Neighbours:
         if self.neighbours is None:
@@ -90,12 +92,12 @@ def patchcore_lof(inputs: ScoringInputs, k: int) -> torch.Tensor:
     The neighbours of bank entries are their own rows of the table (every bank entry is also
     a query), so the full table gives the LOF of every patch without another search.
     """
-    if inputs.bank is not None:
+    if inputs.bank is not None and not inputs.bank.blind:
         raise ValueError("patchcore_lof needs a blind setting (the bank entries' own rows)")
     table = inputs.table()
     _check_k(table, k)
     dist, idx = table.distances[:, :k].double(), table.indices[:, :k]
-    rows = inputs.bank_rows if inputs.bank_rows is not None else torch.arange(len(table))
+    rows = inputs.bank_ids()
     k_dist = dist[rows, k - 1]  # (m,) k-distance of every bank entry
     reach = torch.maximum(dist, k_dist[idx])  # (n, k)
     lrd = 1.0 / reach.mean(1).clamp_min(1e-12)  # (n,) as sklearn: 1 / (mean + 1e-10)

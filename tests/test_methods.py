@@ -6,6 +6,7 @@ import torch
 from scipy.spatial.distance import cdist
 from sklearn.neighbors import LocalOutlierFactor
 
+from patchlab.bank import MemoryBank
 from patchlab.knn import knn
 from patchlab.methods import ScoringInputs, score_patches
 
@@ -40,7 +41,8 @@ def test_lof_with_a_coreset_bank(feats):
         bank_ids=rows,
         progress=False,
     )
-    ours = score_patches("patchcore_lof", ScoringInputs(feats, table, rows), 5).double().numpy()
+    inputs = ScoringInputs(feats, table, MemoryBank(feats, rows, blind=True, key=""))
+    ours = score_patches("patchcore_lof", inputs, 5).double().numpy()
     d = cdist(bank.numpy(), bank[rows].numpy())
     d[rows.numpy(), np.arange(len(rows))] = np.inf  # itself excluded
     nn = np.argsort(d, 1)[:, :5]

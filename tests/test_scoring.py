@@ -7,6 +7,7 @@ from scipy import ndimage
 from scipy.special import logsumexp
 from sklearn.neighbors import NearestNeighbors
 
+from patchlab.bank import MemoryBank
 from patchlab.knn import knn
 from patchlab.maps import anomaly_maps, image_scores, support_distances
 from patchlab.methods import ScoringInputs, patchcluster, patchcore, score_patches
@@ -107,7 +108,8 @@ def test_support_distances_match_a_brute_force(exclude, coreset):
         )
     else:
         table = knn(flat, 3, exclude=exclude, query_groups=groups, progress=False)
-    got = support_distances(patch, ScoringInputs(feats, table, bank_rows), b=4)
+    bank = MemoryBank(feats, bank_rows, blind=True, key="")
+    got = support_distances(patch, ScoringInputs(feats, table, bank), b=4)
     want = _support_brute_force(feats, patch, bank_rows, exclude, 4)
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-6)
 

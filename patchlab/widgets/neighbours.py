@@ -97,16 +97,12 @@ class NeighbourExplorer(Displays):
         self._at = nearest.indices[:, 0].numpy()  # every patch -> its nearest sampled one
 
     def bank_rows(self) -> np.ndarray:
-        """Rows of the memory bank (every patch, or the coreset)."""
-        n_all = len(self.table)
-        rows = self.result.inputs.bank_rows
-        return np.arange(n_all) if rows is None else rows.numpy()
+        """Patch rows of the memory bank's entries (every patch, or the coreset)."""
+        return self.result.inputs.bank_ids().numpy()
 
     def bank_row(self, positions) -> np.ndarray:
-        """Patch rows of bank positions (the table's indices; a coreset maps them)."""
-        positions = np.asarray(positions)
-        rows = self.result.inputs.bank_rows
-        return positions if rows is None else rows.numpy()[positions]
+        """Patch rows of bank entries (the table's indices; a coreset maps them)."""
+        return self.bank_rows()[np.asarray(positions)]
 
     def position(self, row: int) -> tuple[int, int, int]:
         """(image, grid row, grid col) of a patch row."""
