@@ -145,11 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from patchlab.features import tune_malloc
+    from patchlab.malloc import tune_malloc
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    tune_malloc()  # ~1.4x faster feature extraction here (patchlab.features)
+    tune_malloc()  # ~1.4x faster feature extraction here (patchlab.malloc)
     try:
         return COMMANDS[args.command](args)
     except (ValueError, RuntimeError, OSError) as err:  # OSError: missing, unwritable, ...

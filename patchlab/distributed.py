@@ -42,8 +42,8 @@ import torch
 from tqdm.auto import tqdm
 
 from patchlab.backbones import weights_identity
-from patchlab.features import MALLOC_MMAP_THRESHOLD, MALLOC_TRIM_THRESHOLD
 from patchlab.knn import Engine, Neighbours, check_arguments, knn
+from patchlab.malloc import MALLOC_MMAP_THRESHOLD, MALLOC_TRIM_THRESHOLD
 
 STRIP_ROWS = 4096  # rows of queries per neighbour task
 _CLIENTS: dict[str, object] = {}  # one client per scheduler address in this process
@@ -83,7 +83,7 @@ def connect(scheduler: str):
 # Dask's nannies set MALLOC_TRIM_THRESHOLD_=65536 in their workers, which also fixes glibc's
 # mmap threshold at 128 KiB: every convolution buffer is then a fresh mmap, and the backbone
 # ran 2.3x slower per image (126 ms against 56 ms, one thread; docs/scaling.md). The workers
-# get the CLI's thresholds instead (patchlab.features.tune_malloc).
+# get the CLI's thresholds instead (patchlab.malloc.tune_malloc).
 WORKER_ENV = {
     "MALLOC_TRIM_THRESHOLD_": str(MALLOC_TRIM_THRESHOLD),
     "MALLOC_MMAP_THRESHOLD_": str(MALLOC_MMAP_THRESHOLD),

@@ -25,9 +25,11 @@ from tqdm.auto import tqdm
 from patchlab.config import PAPER_SETTINGS, RunConfig
 from patchlab.data import BLIND_SETTINGS
 from patchlab.experiment import run
+from patchlab.maps import NEEDS_SUPPORT
 from patchlab.metrics import format_metric
 
 METRICS = ("image_auroc", "pixel_auroc", "pro")
+SCORE_RULES = ("max", *NEEDS_SUPPORT)  # the paper's image-score rules: columns of the CSV
 FIELDS = (
     "table",
     "category",
@@ -39,13 +41,10 @@ FIELDS = (
     "exclude",
     "k_img",
     *METRICS,
-    "image_auroc_max",
-    "image_auroc_patchcore",
-    "image_auroc_eq3",
+    *(f"image_auroc_{rule}" for rule in SCORE_RULES),
     "negative_weights",
     "seconds",
 )
-SCORE_RULES = ("max", "patchcore", "eq3")  # the image-score columns of the CSV
 
 
 @dataclass(frozen=True)

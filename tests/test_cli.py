@@ -197,15 +197,15 @@ def test_random_weights_run_and_are_recorded(tiny_demo, tmp_path):
 
 
 def test_the_command_line_sets_the_malloc_thresholds(tiny_demo, tmp_path, monkeypatch):
-    """The CLI process tunes glibc's malloc for the backbone's buffers (patchlab.features)."""
+    """The CLI process tunes glibc's malloc for the backbone's buffers (patchlab.malloc)."""
     import platform
 
-    import patchlab.features as features
+    import patchlab.malloc as malloc
 
     if platform.libc_ver()[0] == "glibc":
-        assert features.tune_malloc() is True
+        assert malloc.tune_malloc() is True
     calls = []
-    monkeypatch.setattr(features, "tune_malloc", lambda: calls.append(1) or True)
+    monkeypatch.setattr(malloc, "tune_malloc", lambda: calls.append(1) or True)
     assert main(["demo-data", str(tmp_path / "d"), "--categories", "brick"]) == 0
     assert calls == [1]
 
