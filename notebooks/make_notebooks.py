@@ -2,8 +2,9 @@
 
     python notebooks/make_notebooks.py      # rewrites notebooks/0*.ipynb
 
-The notebooks stay thin: the logic lives in patchlab (`patchlab.viz`, `patchlab.widgets` and the core); a cell
-calls, shows and explains. Edit the cells here, not the .ipynb files, and run the script again.
+The notebooks stay thin: the logic lives in patchlab (`patchlab.viz`, `patchlab.widgets` and
+the core); a cell calls, shows and explains. Edit the cells here, not the .ipynb files, and
+run the script again.
 """
 
 from __future__ import annotations

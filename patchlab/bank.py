@@ -110,7 +110,8 @@ def neighbour_table(
     named ``key``, against ``bank``, cached. A cached table computed for a larger k_max is
     sliced rather than recomputed."""
     folder, need = cache_folder(config.cache_dir), config.table_k
-    stem = neighbour_stem(key, config.exclude, bank.rows, None if bank.blind else bank.key)
+    # a bank drawn from other features than the queries' (one-class, a saved bank) is named
+    stem = neighbour_stem(key, config.exclude, bank.rows, None if bank.key == key else bank.key)
     n_rows, n_bank = features[..., 0].numel(), len(bank)
 
     def load(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -132,7 +133,7 @@ def neighbour_table(
     distances, indices = read_through(folder, stem, load, complete, compute, save, ("k", need))
     distances = torch.from_numpy(np.ascontiguousarray(distances))
     indices = torch.from_numpy(indices.astype(np.int64))
-    return Neighbours(distances, indices, config.exclude)
+    return Neighbours(distances, indices, config.exclude if bank.blind else "none")
 
 
 def _check_bank_size(config: RunConfig, n_bank: int) -> None:
@@ -152,7 +153,8 @@ def _search(features: torch.Tensor, bank: MemoryBank, config: RunConfig, progres
     self-kNN with symmetric blocks when the bank is the whole set)."""
     n, h, w, d = features.shape
     queries = features.reshape(n * h * w, d)
-    kw: dict = dict(exclude=config.exclude, engine=config.engine(), progress=progress)
+    exclude = config.exclude if bank.blind else "none"  # no query is in another set's bank
+    kw: dict = dict(exclude=exclude, engine=config.engine(), progress=progress)
     search = knn
     if config.scheduler is not None:  # the same search, in row strips on a Dask cluster
         from patchlab.distributed import connect, knn_on_cluster
@@ -167,7 +169,7 @@ def _search(features: torch.Tensor, bank: MemoryBank, config: RunConfig, progres
         ids = dict(query_ids=torch.arange(n * h * w), bank_ids=bank.ids)
         groups = dict(query_groups=groups, bank_groups=bank.groups)
         table = search(queries, config.table_k, bank.features, **ids, **groups, **kw)
-    return Neighbours(table.distances.cpu(), table.indices.cpu(), config.exclude)
+    return Neighbours(table.distances.cpu(), table.indices.cpu(), exclude)
 
 
 def coreset_rows(

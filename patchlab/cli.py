@@ -6,6 +6,7 @@ patchlab demo-data OUT             write the offline demo data set to OUT
 patchlab run DATA --category C     one run; writes metrics.json, image_scores.csv, maps.npz
 patchlab run FOLDER --unlabeled    rank a plain folder of images
 patchlab report RUN_DIR            report.html and overlay PNGs of a finished run
+patchlab score IMAGES --bank RUN   new images against a run's saved bank (run --save-bank)
 patchlab reproduce DATA --table N  one of the paper's tables
 patchlab k-curve DATA --category C without labels: the stability of the scores over K
 """
@@ -76,6 +77,48 @@ def _add_demo(sub) -> None:
     add_config_options(demo, skip=DEMO_SETS, **DEMO_DEFAULTS)
 
 
+def _add_score(sub) -> None:
+    """The ``score`` command: new images against a saved bank, with the bank's settings."""
+    sc = sub.add_parser(
+        "score",
+        help="score new images against a run's saved memory bank (patchlab run --save-bank)",
+        epilog="example: patchlab score new/ --bank runs/brick --out runs/brick-next --report",
+    )
+    sc.add_argument(
+        "images",
+        nargs="+",
+        help="image files and folders (or, with --category, "
+        "an MVTec AD layout folder: its --setting images, with metrics)",
+    )
+    sc.add_argument("--bank", required=True, help="a run folder written with --save-bank")
+    sc.add_argument("--out", required=True, help="output folder")
+    sc.add_argument("--category", default=None, help="IMAGES is an MVTec AD layout folder")
+    sc.add_argument("--setting", default="test", choices=BLIND_SETTINGS + ("train",))
+    sc.add_argument("--k", type=int, default=None, help="K of Eq. 2 (default: the run's)")
+    sc.add_argument(
+        "--add",
+        action="store_true",
+        help="score blind on the bank plus the new images (default: against the bank)",
+    )
+    sc.add_argument(
+        "--save-bank",
+        action="store_true",
+        help="with --add: write the grown bank into OUT/bank for the next batch",
+    )
+    sc.add_argument("--report", action="store_true", help="also write report.html and overlays")
+    sc.add_argument(
+        "--weights",
+        default=None,
+        help="the bank's weights file where it lies now (its content must match)",
+    )
+    for flag, kind in (("--backbone", str), ("--resize", int), ("--crop", int)):
+        sc.add_argument(
+            flag, type=kind, default=None, help="refused unless the bank's (default: the bank's)"
+        )
+    sc.add_argument("--cache-dir", default=None, help="default: the run's")
+    sc.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def _add_k_curve(sub) -> None:
     """The ``k-curve`` command's options: the K ladder, the threshold, and the run's own."""
     kc = sub.add_parser(
@@ -106,7 +149,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also write report.html (offline) and overlays/*.png of the most anomalous images",
     )
+    run.add_argument(
+        "--save-bank",
+        action="store_true",
+        help="also write OUT/bank: the memory bank, to score new images later (patchlab score)",
+    )
     add_config_options(run)
+    _add_score(sub)
 
     rpt = sub.add_parser(
         "report",
@@ -172,10 +221,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     from patchlab.outputs import check_out, out_lock, save_result
 
     config = _config(args)
+    bank = None
+    if args.save_bank:
+        from patchlab.saved import check_savable, save_bank
+
+        check_savable(config)  # before the work
+        bank = lambda folder: save_bank(result, folder)  # noqa: E731
     check_out(args.out)  # a bad --out is found before the work, not after it
     with out_lock(args.out):  # one run per --out: a second one stops here, before its work
         result = run(config, progress=not args.quiet)
-        out = save_result(result, args.out, report=args.report, progress=not args.quiet)
+        out = save_result(result, args.out, args.report, not args.quiet, bank)
     m = result.metrics
     print(f"{result.images.name}: {m['n_images']} images, {m['n_patches']} patches")
     if result.images.has_labels:
@@ -183,6 +238,45 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"wrote {out / 'metrics.json'}, {out / 'image_scores.csv'}, {out / 'maps.npz'}")
     if args.report:
         print(f"report: {out / 'report.html'} and {out / 'overlays'}/")
+    if args.save_bank:
+        print(f"bank: {out / 'bank'} (patchlab score IMAGES --bank {out} --out OUT)")
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from patchlab.data import load_mvtec, load_paths
+    from patchlab.outputs import check_out, out_lock, save_result
+    from patchlab.saved import grow_bank, load_bank, score_images
+
+    if args.save_bank and not args.add:
+        raise ValueError("--save-bank with score writes the grown bank: add --add")
+    bank = load_bank(args.bank)
+    if args.category is not None:
+        images = load_mvtec(args.images[0], args.category, args.setting)
+    else:
+        images = load_paths(args.images)
+    expect = {"backbone": args.backbone, "resize": args.resize, "crop": args.crop}
+    expect["weights"] = args.weights
+    check_out(args.out)
+    with out_lock(args.out):
+        result = score_images(
+            bank,
+            images,
+            k=args.k,
+            add=args.add,
+            expect=expect,
+            cache_dir=args.cache_dir,
+            progress=not args.quiet,
+        )
+        grow = (lambda folder: grow_bank(bank, result, folder)) if args.save_bank else None
+        out = save_result(result, args.out, args.report, not args.quiet, grow)
+    how = "added to" if args.add else "against"
+    print(f"{images.name}: {len(images)} images scored {how} the bank of {len(bank)} images")
+    if images.has_labels:
+        print(_format_table([(result.config.method, result.metrics)]))
+    print(f"wrote {out / 'metrics.json'}, {out / 'image_scores.csv'}, {out / 'maps.npz'}")
+    if args.save_bank:
+        print(f"bank: {out / 'bank'} ({len(bank) + len(images)} images)")
     return 0
 
 
@@ -278,6 +372,7 @@ def _format_table(rows: list[tuple[str, dict]]) -> str:
 
 COMMANDS = {
     "run": cmd_run,
+    "score": cmd_score,
     "report": cmd_report,
     "demo": cmd_demo,
     "demo-data": cmd_demo_data,

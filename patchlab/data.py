@@ -175,6 +175,30 @@ def load_folder(root: str | Path) -> ImageSet:
     return ImageSet(tuple(files), np.full(n, UNKNOWN, np.int8), (None,) * n, ("",) * n, root.name)
 
 
+def load_paths(paths: list[str | Path]) -> ImageSet:
+    """Image files and folders (each read by :func:`load_folder`), unlabelled, in the order
+    given: the new images of ``patchlab score``.
+
+    Raises
+    ------
+    FileNotFoundError
+        Naming a path that does not exist or is not an image file.
+    """
+    files: list[Path] = []
+    for given in map(Path, paths):
+        if given.is_dir():
+            files += load_folder(given).paths
+        elif given.is_file() and given.suffix.lower() in IMAGE_SUFFIXES:
+            files.append(given)
+        else:
+            raise FileNotFoundError(
+                f"{given} is not an image file ({', '.join(IMAGE_SUFFIXES)}) nor a folder"
+            )
+    _check_names(files)
+    n, name = len(files), Path(paths[0]).name if len(paths) == 1 else f"{len(paths)} paths"
+    return ImageSet(tuple(files), np.full(n, UNKNOWN, np.int8), (None,) * n, ("",) * n, name)
+
+
 def _check_names(paths: list[Path]) -> None:
     """Refuse, before any work, paths that are not valid UTF-8 (bytes from another encoding,
     e.g. Latin-1 names from an old system): a run writes its image names into UTF-8 files

@@ -83,19 +83,19 @@ def support_distances(
     table = inputs.table()
     top = patch_scores.reshape(n, -1).argmax(1) + torch.arange(n) * h * w  # f_i*, patch index
     f_star = bank[table.indices[top, 0].to(bank.device)]  # (n, d) nearest bank feature
-    exclude = {"nearest": "self"}.get(table.exclude, table.exclude)
+    blind = inputs.bank is None or inputs.bank.blind  # else no query is in the bank
+    exclude = {"nearest": "self"}.get(table.exclude, table.exclude) if blind else "none"
     rows = inputs.bank_ids()
-    groups = torch.arange(n).repeat_interleave(h * w)
-    blind = inputs.bank is None or inputs.bank.blind
+    bank_groups = rows // (h * w) if inputs.bank is None else inputs.bank.groups
     support = knn(  # N_b(f*): f* is found first (distance 0), as it is not the query
         f_star,
         b,
         bank,
         exclude=exclude,
-        query_ids=top,
-        bank_ids=rows,
-        query_groups=torch.arange(n),
-        bank_groups=groups[rows] if blind else None,
+        query_ids=top if blind else None,
+        bank_ids=rows if blind else None,
+        query_groups=torch.arange(n) if blind else None,
+        bank_groups=bank_groups if blind else None,
         progress=False,
     )
     members = bank[support.indices.to(bank.device)].double()  # (n, b, d)

@@ -171,30 +171,39 @@ def mutual(
     """Mutual scoring (MuSc's MSM): the mean of the lowest ``ratio`` of per-image minima.
 
         m_j(f) = min_{g in image j} ||f - g||   for every other image j
-        s(f)   = mean of the ceil(ratio * (n - 1)) smallest m_j(f)
+        s(f)   = mean of the ceil(ratio * (n_j)) smallest m_j(f),  n_j images j
+
+    The images j are the set's own (blind; n_j = n - 1), or, with a memory bank, the bank's
+    source images (``inputs.bank.source``): a saved bank's (its own image is not among them),
+    or a saved bank's plus the set, the set first (blind: image i of the set is skipped).
 
     Streamed: the per-image minima of one block of query patches at a time, (block, n), so
     memory stays bounded whatever the set's size (never the (N, n) table). K is ignored.
     """
     n, h, w, d = inputs.features.shape
-    if n < 2:
+    columns = inputs.features if inputs.bank is None else inputs.bank.source
+    own = inputs.bank is None or inputs.bank.blind  # image i is column i: skipped
+    n_j = len(columns) - own
+    if n_j < 1:
         raise ValueError(
             "mutual scoring needs at least two images; for one image use method='patchcluster'"
             " (--method patchcluster)"
         )
     if not 0 < ratio <= 1:
         raise ValueError(f"mutual ratio must lie in (0, 1], got {ratio}")
-    bank = inputs.features.reshape(n * h * w, d)
-    keep = max(1, math.ceil(ratio * (n - 1)))
-    images_per_block = max(1, (MUTUAL_BLOCK // n) // (h * w))
-    out = torch.empty(n * h * w, device=bank.device)
+    queries = inputs.features.reshape(n * h * w, d)
+    bank = columns.reshape(-1, d).to(queries.device)
+    keep = max(1, math.ceil(ratio * n_j))
+    images_per_block = max(1, (MUTUAL_BLOCK // len(columns)) // (h * w))
+    out = torch.empty(n * h * w, device=queries.device)
     starts = range(0, n, images_per_block)
     for i0 in tqdm(starts, desc="mutual scoring", unit="block", disable=not progress):
         i1 = min(n, i0 + images_per_block)
         rows = slice(i0 * h * w, i1 * h * w)
-        minima = nearest_per_group(bank[rows], bank, h * w, progress=False)  # (block, n)
-        own = torch.arange(i0, i1, device=bank.device).repeat_interleave(h * w)
-        minima[torch.arange(len(own), device=bank.device), own] = float("inf")
+        minima = nearest_per_group(queries[rows], bank, h * w, progress=False)  # (block, n_c)
+        if own:
+            image = torch.arange(i0, i1, device=queries.device).repeat_interleave(h * w)
+            minima[torch.arange(len(image), device=queries.device), image] = float("inf")
         out[rows] = minima.topk(keep, dim=1, largest=False).values.mean(1)
     return out
 

@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -28,7 +28,7 @@ from patchlab.atomic import atomic_folder, clean_leftovers, writable
 from patchlab.experiment import Result
 from patchlab.report import REPORT_LEFTOVER
 
-OUTPUT_FILES = ("metrics.json", "image_scores.csv", "maps.npz", "report.html", "overlays")
+OUTPUT_FILES = ("metrics.json", "image_scores.csv", "maps.npz", "report.html", "overlays", "bank")
 _HELD: dict[Path, int] = {}  # the --out folders whose lock this process holds
 
 
@@ -103,19 +103,25 @@ def check_out(out: str | Path) -> Path:
 
 
 def save_result(
-    result: Result, out: str | Path, report: bool = False, progress: bool = False
+    result: Result,
+    out: str | Path,
+    report: bool = False,
+    progress: bool = False,
+    bank: Callable[[Path], object] | None = None,
 ) -> Path:
     """Write ``metrics.json``, ``image_scores.csv`` and ``maps.npz`` (and, with ``report``,
     ``report.html`` and ``overlays/``, :mod:`patchlab.report`) into ``out``, as one set.
 
     A report of the run replaced is not dropped: it is drawn again for the new run (with a
-    warning saying so), so ``out`` never holds a report of other results, nor loses one."""
+    warning saying so), so ``out`` never holds a report of other results, nor loses one.
+    ``bank(folder)`` writes the memory bank into ``out/bank`` within the same set
+    (:func:`patchlab.saved.save_bank`, ``--save-bank``)."""
     out = check_out(out)  # at save time: the folder may have changed during the run
     with out_lock(out):
-        return _save(result, out, report, progress)
+        return _save(result, out, report, progress, bank)
 
 
-def _save(result: Result, out: Path, report: bool, progress: bool) -> Path:
+def _save(result: Result, out: Path, report: bool, progress: bool, bank=None) -> Path:
     """:func:`save_result` with the lock held."""
     _clean_leftovers(out)  # only this process writes beside out now
     if not report and (out / "report.html").is_file():
@@ -124,12 +130,20 @@ def _save(result: Result, out: Path, report: bool, progress: bool) -> Path:
             stacklevel=3,
         )
         report = True
+    if bank is None and (out / "bank").is_dir():
+        warnings.warn(
+            f"{out} held the saved bank of the run it replaces: it goes with that run (pass "
+            "--save-bank to save this run's)",
+            stacklevel=3,
+        )
     with atomic_folder(out) as tmp:  # the new set written beside, then put in place whole
         arrays, record = _write(result, tmp)
         if report:
             from patchlab.report import write_report
 
             write_report(tmp, arrays, record, progress)
+        if bank is not None:
+            bank(tmp / "bank")
     return out
 
 
