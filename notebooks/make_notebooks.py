@@ -425,6 +425,29 @@ Python, or the arrays of a `patchlab run`'s cache)."""),
 import patchlab
 
 patchlab.explore(result, n_show=4)"""),
+    ("md", """\
+## The next batch: a saved bank
+
+Images arrive batch after batch. A run's memory bank can be saved (`save_bank`, or
+`patchlab run ... --save-bank`) and the next batch scored against it later, without the first
+batch's images or the cache (`score_images`, or `patchlab score IMAGES --bank RUN --out OUT`):
+every new patch is compared with the saved patches only, with the run's settings. Here batch 1
+is the category's good training images, batch 2 its test images. `add=True` (`--add`) scores
+blind on the bank plus the new images instead, for a batch whose images share one defect."""),
+    ("code", """\
+import tempfile
+from pathlib import Path
+
+from patchlab.data import load_mvtec
+from patchlab.saved import load_bank, save_bank, score_images
+
+yesterday = run(replace(config, setting="train"), progress=False)  # batch 1, blind
+folder = save_bank(yesterday, Path(tempfile.mkdtemp()) / "bank")
+bank = load_bank(folder)
+today = load_mvtec(config.data, config.category, "test")  # batch 2
+scored = score_images(bank, today, progress=False)
+print(f"bank: {len(bank)} images; batch 2: {len(today)} images, image AUROC "
+      f"{scored.metrics['image_auroc']:.3f}, pixel AUROC {scored.metrics['pixel_auroc']:.3f}")"""),
 ]
 
 EVALUATION = [
