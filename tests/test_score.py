@@ -201,6 +201,13 @@ def test_the_demo_batches_through_the_command_line(demo, tmp_path, capsys):
     assert (
         main(["score", str(two), "--bank", str(grown), "--out", str(tmp_path / "run4"), *args]) == 0
     )
+    # one image alone (MuSc's batch methods cannot score one): against the bank
+    single = sorted(two.iterdir())[0]
+    assert (
+        main(["score", str(single), "--bank", str(grown), "--out", str(tmp_path / "run5"), *args])
+        == 0
+    )
+    assert len((tmp_path / "run5" / "image_scores.csv").read_text().splitlines()) == 2
 
 
 def test_a_damaged_or_foreign_bank_is_refused(demo, tmp_path, capsys):
