@@ -436,7 +436,6 @@ is the category's good training images, batch 2 its test images. `add=True` (`--
 blind on the bank plus the new images instead, for a batch whose images share one defect."""),
     ("code", """\
 import tempfile
-from pathlib import Path
 
 from patchlab.data import load_mvtec
 from patchlab.saved import load_bank, save_bank, score_images

@@ -17,6 +17,7 @@ import argparse
 import sys
 import time
 from dataclasses import fields
+from pathlib import Path
 
 from patchlab.config import RunConfig
 from patchlab.data import BLIND_SETTINGS
@@ -250,8 +251,17 @@ def cmd_score(args: argparse.Namespace) -> int:
 
     if args.save_bank and not args.add:
         raise ValueError("--save-bank with score writes the grown bank: add --add")
+    bank_dir = Path(args.bank).resolve()
+    out = Path(args.out).resolve()
+    if (out == bank_dir or out in bank_dir.parents) and not args.save_bank:
+        raise ValueError(
+            f"--out {args.out} holds the bank scored against ({args.bank}): writing there would "
+            "replace it; choose another folder (or --add --save-bank to grow it in place)"
+        )
     bank = load_bank(args.bank)
     if args.category is not None:
+        if len(args.images) > 1:
+            raise ValueError("with --category, give one MVTec AD layout folder")
         images = load_mvtec(args.images[0], args.category, args.setting)
     else:
         images = load_paths(args.images)
@@ -266,6 +276,7 @@ def cmd_score(args: argparse.Namespace) -> int:
             add=args.add,
             expect=expect,
             cache_dir=args.cache_dir,
+            category=args.category,
             progress=not args.quiet,
         )
         grow = (lambda folder: grow_bank(bank, result, folder)) if args.save_bank else None

@@ -14,6 +14,7 @@ from scipy import ndimage
 
 __all__ = [
     "evaluate",
+    "evaluate_pixels",
     "evaluate_rules",
     "format_metric",
     "image_auroc",
@@ -305,13 +306,17 @@ def evaluate(
     (masks, maps: (n, H, W)); a metric undefined on the set is None.
     """
     image = image_auroc(labels, image_scores)  # validates labels and scores first
-    bool_masks, maps32 = _check_pixels(masks, maps)
-    if len(labels) != len(bool_masks):
-        raise ValueError(f"got {len(labels)} labels for {len(bool_masks)} masks and maps")
-    fp, tp, pro = _sweep(bool_masks, maps32)  # one sort serves both pixel metrics
+    if len(labels) != len(masks):
+        raise ValueError(f"got {len(labels)} labels for {len(masks)} masks and maps")
+    return {"image_auroc": image, **evaluate_pixels(masks, maps)}
+
+
+def evaluate_pixels(masks: np.ndarray, maps: np.ndarray) -> dict[str, float | None]:
+    """``{"pixel_auroc", "pro"}`` (PRO up to FPR 0.3) from one sort of every pixel: what
+    :func:`pixel_auroc` and :func:`pro_score` give, for half the time of both."""
+    fp, tp, pro = _sweep(*_check_pixels(masks, maps))
     points = _pro_points(fp, pro)
     return {
-        "image_auroc": image,
         "pixel_auroc": _roc_area(tp, fp),
         "pro": None if points is None else _area_to(*points, 0.3),
     }

@@ -29,6 +29,9 @@ from patchlab.experiment import Result
 from patchlab.report import REPORT_LEFTOVER
 
 OUTPUT_FILES = ("metrics.json", "image_scores.csv", "maps.npz", "report.html", "overlays", "bank")
+# what killed writes inside a run folder leave (a report's, a folder's atomic replacement):
+# the next save removes them (_clean_leftovers), so they are not "other files"
+LEFTOVERS = (REPORT_LEFTOVER, ".overlays.", ".bank.")
 _HELD: dict[Path, int] = {}  # the --out folders whose lock this process holds
 
 
@@ -87,7 +90,7 @@ def check_out(out: str | Path) -> Path:
         foreign = sorted(
             p.name
             for p in out.iterdir()
-            if p.name not in OUTPUT_FILES and not p.name.startswith(REPORT_LEFTOVER)
+            if p.name not in OUTPUT_FILES and not p.name.startswith(LEFTOVERS)
         )
         if foreign:
             raise ValueError(
@@ -152,6 +155,7 @@ def _clean_leftovers(out: Path) -> None:
     clean_leftovers(out)  # killed between the two renames: the old set put back
     if out.is_dir():
         clean_leftovers(out / "overlays")  # a killed `patchlab report`'s
+        clean_leftovers(out / "bank")
     for left in out.glob(f"{REPORT_LEFTOVER}*") if out.is_dir() else ():
         shutil.rmtree(left, ignore_errors=True)  # a killed `patchlab report`'s folder
 

@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from patchlab.atomic import replace_folder
+from patchlab.atomic import clean_leftovers, replace_folder
 from patchlab.metrics import format_metric, pixel_roc_curve, pro_curve, roc_curve
 from patchlab.viz import image_name, map_range, overlay_image
 
@@ -78,6 +78,7 @@ def write_report(
 def report_from_folder(folder: str | Path, progress: bool = True) -> list[Path]:
     """:func:`write_report` for a finished run's folder (``patchlab report RUN_DIR``)."""
     folder = Path(folder)
+    clean_leftovers(folder / "overlays")  # of a report killed between its renames
     for name in ("maps.npz", "metrics.json"):
         if not (folder / name).is_file():
             raise FileNotFoundError(

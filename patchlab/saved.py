@@ -22,8 +22,8 @@ LNAMD averages the sizes as a run does; RsCIN smooths over the new batch.
 
 from __future__ import annotations
 
-import hashlib
 import json
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -38,6 +38,7 @@ from patchlab.config import RunConfig
 from patchlab.data import ImageSet
 from patchlab.experiment import Result, feature_options, feature_settings, rescore
 from patchlab.features import extract_features
+from patchlab.hashing import file_digest
 from patchlab.images import load_masks
 from patchlab.methods import ScoringInputs
 
@@ -56,8 +57,9 @@ class SavedBank:
         The settings of the run that saved it (features, method, K, image score...).
     features : dict {r: torch.Tensor (n_s, h, w, d) float32}
         Patch features of the bank's images at each locally aware size r.
-    rows : torch.Tensor (m,) int64, or None
-        The coreset: the patches (flattened, image-major) that form the bank; None for all.
+    rows : dict {r: torch.Tensor (m_r,) int64, or None}
+        The coreset of each size (each size picks its own): the patches (flattened,
+        image-major) that form the bank; None where every patch does.
     global_features : torch.Tensor (n_s, c), or None
     image_scores : np.ndarray (n_s,)
         The scores the run gave its images.
@@ -71,7 +73,7 @@ class SavedBank:
 
     config: RunConfig
     features: dict[int, torch.Tensor]
-    rows: torch.Tensor | None
+    rows: dict[int, torch.Tensor | None]
     global_features: torch.Tensor | None
     image_scores: np.ndarray
     names: list[str]
@@ -87,12 +89,13 @@ def save_bank(result: Result, folder: str | Path) -> Path:
     ``features.npz``, put in place whole: a kill leaves the old bank or the new one)."""
     inputs, config = result.inputs, result.config
     check_savable(config)
-    features = {x.local: x.features.cpu() for x in (inputs, *inputs.others)}
-    rows = None if inputs.bank is None else inputs.bank.rows
+    sizes = (inputs, *inputs.others)
+    features = {x.local: x.features.cpu() for x in sizes}
+    rows = {x.local: None if x.bank is None else x.bank.rows for x in sizes}
     names = [str(p) for p in result.images.paths]
-    return _write(
-        folder, config, features, rows, inputs.global_features, result.image_scores, names
-    )
+    identity = weights_identity(config.backbone, config.weights, config.seed)
+    glob = inputs.global_features
+    return _write(folder, config, identity, features, rows, glob, result.image_scores, names)
 
 
 def grow_bank(bank: SavedBank, result: Result, folder: str | Path) -> Path:
@@ -101,17 +104,20 @@ def grow_bank(bank: SavedBank, result: Result, folder: str | Path) -> Path:
     inputs = result.inputs
     new = {x.local: x.features.cpu() for x in (inputs, *inputs.others)}
     features = {r: torch.cat([bank.features[r], new[r]]) for r in bank.features}
-    rows = bank.rows
-    if rows is not None:  # the saved coreset, and every new patch
-        first = next(iter(bank.features.values()))[..., 0].numel()
-        rows = torch.cat([rows, first + torch.arange(next(iter(new.values()))[..., 0].numel())])
+    rows = {}
+    for r, kept in bank.rows.items():  # the saved coreset, and every new patch
+        first = bank.features[r][..., 0].numel()
+        joined = first + torch.arange(new[r][..., 0].numel())
+        rows[r] = None if kept is None else torch.cat([kept, joined])
     glob = bank.global_features
     if glob is not None:
         glob = torch.cat([glob, inputs.global_features.cpu()])
     scores = np.concatenate([bank.image_scores, result.image_scores])
     names = [*bank.names, *(str(p) for p in result.images.paths)]
-    config = replace(bank.config, k=result.config.k, k_max=result.config.k_max)
-    return _write(folder, config, features, rows, glob, scores, names)
+    # the weights as given now (a file may have moved), their identity the bank's (checked)
+    config = replace(bank.config, weights=result.config.weights, k=result.config.k)
+    config = replace(config, k_max=result.config.k_max)
+    return _write(folder, config, bank.weights_identity, features, rows, glob, scores, names)
 
 
 def check_savable(config: RunConfig) -> None:
@@ -125,19 +131,18 @@ def check_savable(config: RunConfig) -> None:
         raise ValueError("--save-bank saves a blind run's bank; drop --bank-setting")
 
 
-def _write(folder, config, features, rows, glob, scores, names) -> Path:
+def _write(folder, config, identity, features, rows, glob, scores, names) -> Path:
     first = next(iter(features.values()))
     arrays = {f"size{r}": x.numpy() for r, x in features.items()}
+    arrays |= {f"rows{r}": x.cpu().numpy() for r, x in rows.items() if x is not None}
     arrays["image_scores"] = np.asarray(scores, np.float64)
-    if rows is not None:
-        arrays["rows"] = rows.cpu().numpy()
     if glob is not None:
         arrays["global"] = glob.cpu().numpy()
     meta = {
         "format": FORMAT,
         "feature_version": FEATURE_VERSION,
         "config": config.to_dict(),
-        "weights_identity": weights_identity(config.backbone, config.weights, config.seed),
+        "weights_identity": identity,
         "grid": list(first.shape[1:3]),
         "feature_dim": int(first.shape[-1]),
         "names": names,
@@ -167,27 +172,35 @@ def load_bank(folder: str | Path) -> SavedBank:
         raise ValueError(f"{folder} holds no saved bank (bank.json and features.npz); {redo}")
     try:
         meta = json.loads(meta_path.read_text())
+        version = (meta.get("format"), meta.get("feature_version"))
+    except Exception as err:  # not JSON, or not an object
+        raise ValueError(f"{meta_path} is damaged ({type(err).__name__}: {err}); {redo}") from None
+    if version != (FORMAT, FEATURE_VERSION):
+        raise ValueError(
+            f"{meta_path} is a bank of format {version[0]} / features v{version[1]}; this "
+            f"patchlab reads format {FORMAT} / v{FEATURE_VERSION}: {redo}"
+        )
+    try:
         config = _config(meta["config"])
+        names, identity = [str(n) for n in meta["names"]], str(meta["weights_identity"])
+        grid, dim = tuple(int(x) for x in meta["grid"]), int(meta["feature_dim"])
         with np.load(arrays_path) as z:
             arrays = {name: z[name] for name in z.files}
-    except Exception as err:  # JSON, zip, key and value errors all mean a damaged bank
+    except Exception as err:  # JSON fields, zip, key and value errors: a damaged bank
         raise ValueError(
             f"the saved bank {folder} is damaged ({type(err).__name__}: {err}); {redo}"
         ) from None
-    if meta.get("format") != FORMAT or meta.get("feature_version") != FEATURE_VERSION:
-        raise ValueError(
-            f"{meta_path} is a bank of format {meta.get('format')} / features "
-            f"v{meta.get('feature_version')}; this patchlab reads format {FORMAT} / "
-            f"v{FEATURE_VERSION}: {redo}"
-        )
+    shape = (len(names), *grid, dim)
     features = {
         r: torch.from_numpy(arrays.get(f"size{r}", np.empty(0))) for r in config.local_sizes
     }
-    _check_arrays(folder, meta, features, arrays, redo)
-    rows = torch.from_numpy(arrays["rows"].astype(np.int64)) if "rows" in arrays else None
+    rows = {r: arrays.get(f"rows{r}") for r in config.local_sizes}
+    problems = _problems(shape, features, rows, arrays)
+    if problems:
+        raise ValueError(f"the saved bank {folder} is damaged ({'; '.join(problems)}); {redo}")
+    rows = {r: None if x is None else torch.from_numpy(x.astype(np.int64)) for r, x in rows.items()}
     glob = torch.from_numpy(arrays["global"]) if "global" in arrays else None
-    digest = hashlib.sha256(arrays_path.read_bytes()).hexdigest()[:16]
-    names, identity = list(meta["names"]), str(meta["weights_identity"])
+    digest = file_digest(arrays_path, "sha256")[:16]
     return SavedBank(config, features, rows, glob, arrays["image_scores"], names, identity, digest)
 
 
@@ -196,20 +209,21 @@ def _config(saved: dict) -> RunConfig:
     return RunConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
 
 
-def _check_arrays(folder: Path, meta: dict, features: dict, arrays: dict, redo: str) -> None:
-    n, (h, w), d = len(meta["names"]), meta["grid"], meta["feature_dim"]
-    problems = [
-        f"size{r} is {tuple(x.shape)}, not ({n}, {h}, {w}, {d})"
-        for r, x in features.items()
-        if tuple(x.shape) != (n, h, w, d) or not bool(torch.isfinite(x).all())
-    ]
-    if len(arrays.get("image_scores", ())) != n:
-        problems.append(f"image_scores does not hold {n} scores")
-    rows = arrays.get("rows")
-    if rows is not None and (rows.ndim != 1 or rows.min() < 0 or rows.max() >= n * h * w):
-        problems.append("rows do not index its patches")
-    if problems:
-        raise ValueError(f"the saved bank {folder} is damaged ({'; '.join(problems)}); {redo}")
+def _problems(shape: tuple, features: dict, rows: dict, arrays: dict) -> list[str]:
+    """What does not fit in the saved arrays (an empty list when they are whole)."""
+    problems = []
+    for r, x in features.items():
+        if tuple(x.shape) != shape:
+            problems.append(f"size{r} is {tuple(x.shape)}, not {shape}")
+        elif not bool(torch.isfinite(x).all()):
+            problems.append(f"size{r} holds NaN or inf values")
+    for r, x in rows.items():
+        n_patches = shape[0] * shape[1] * shape[2]
+        if x is not None and (x.ndim != 1 or not len(x) or x.min() < 0 or x.max() >= n_patches):
+            problems.append(f"rows{r} do not index its {n_patches} patches")
+    if len(arrays.get("image_scores", ())) != shape[0]:
+        problems.append(f"image_scores does not hold {shape[0]} scores")
+    return problems
 
 
 def score_images(
@@ -220,6 +234,7 @@ def score_images(
     add: bool = False,
     expect: dict | None = None,
     cache_dir: str | None = None,
+    category: str | None = None,
     progress: bool = True,
 ) -> Result:
     """Score new images against a saved bank, with the bank's settings (see the module).
@@ -236,13 +251,21 @@ def score_images(
         ``resize``, ``crop``, ``local_sizes``): refused where they differ from the bank's,
         except ``weights``, a path to the same weights (moved): its identity must match.
     cache_dir : the feature and neighbour cache (default: the run's).
+    category : the MVTec category of labelled images (for the outputs' records).
 
     Returns
     -------
     Result
         Of the new images only; ``result.inputs.bank`` is the bank they were scored against.
     """
-    config = _config_for(bank, images, k, expect or {}, cache_dir)
+    config = _config_for(bank, images, k, expect or {}, cache_dir, category)
+    seen = sorted(set(map(str, images.paths)) & set(bank.names))
+    if seen:
+        warnings.warn(
+            f"{len(seen)} of the new images are in the bank (e.g. {seen[0]}): each finds its "
+            "own patches there and scores near 0; score images the bank has not seen",
+            stacklevel=2,
+        )
     glob = None
     if bank.global_features is not None:
         glob = extract_features(images, kind="global", **feature_options(config, progress))
@@ -252,7 +275,7 @@ def score_images(
     return rescore(config, images, inputs, masks, progress=progress)
 
 
-def _config_for(bank: SavedBank, images: ImageSet, k, expect: dict, cache_dir) -> RunConfig:
+def _config_for(bank: SavedBank, images: ImageSet, k, expect, cache_dir, category) -> RunConfig:
     """The bank's settings for the new images, or an error naming what does not match."""
     config = bank.config
     for name, value in expect.items():
@@ -272,7 +295,7 @@ def _config_for(bank: SavedBank, images: ImageSet, k, expect: dict, cache_dir) -
     return replace(
         config,
         data=str(images.paths[0].parent),
-        category=None if not images.has_labels else config.category,
+        category=category if images.has_labels else None,
         unlabeled=not images.has_labels,
         bank_setting=None,
         k=k,
@@ -292,11 +315,12 @@ def _size_inputs(bank, images, config, r, add, glob, progress) -> ScoringInputs:
     n_new = new[..., 0].numel()
     if add:  # the union, new images first: a new patch keeps its index
         source = torch.cat([new, saved])
-        old = torch.arange(saved[..., 0].numel()) if bank.rows is None else bank.rows
+        kept = bank.rows[r]
+        old = torch.arange(saved[..., 0].numel()) if kept is None else kept
         rows = torch.cat([torch.arange(n_new), n_new + old])
         memory = MemoryBank(source, rows, blind=True, key=f"{bank.digest}+{key}")
     else:
-        memory = MemoryBank(saved, bank.rows, blind=False, key=bank.digest)
+        memory = MemoryBank(saved, bank.rows[r], blind=False, key=bank.digest)
     table = None
     if config.method != "mutual":
         table = neighbour_table(new, key, memory, sized, progress)

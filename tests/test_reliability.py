@@ -506,3 +506,18 @@ def test_help_shows_the_defaults_of_none_options(capsys):
     assert "default: the set itself, blind" in text
     assert "default $PATCHLAB_CACHE, else ~/.cache/patchlab" in text
     assert "default: none, all in this process" in text
+
+
+def test_a_report_killed_between_its_renames_does_not_block_the_next_run(demo, tmp_path):
+    """replace_folder leaves `.overlays.old-*` when killed between its renames: the next
+    report puts the old overlays back, and the next run is not refused ("other files")."""
+    out = tmp_path / "out"
+    assert run_cli(demo, out, "--report") == 0
+    aside = out / ".overlays.old-x"
+    aside.mkdir()
+    os.replace(out / "overlays", aside / "run")  # killed: the old overlays aside, none in place
+    assert main(["report", str(out), "--quiet"]) == 0
+    assert (out / "overlays").is_dir() and not aside.exists()
+    (out / ".overlays.old-y").mkdir()
+    assert run_cli(demo, out) == 0
+    assert not (out / ".overlays.old-y").exists()

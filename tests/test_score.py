@@ -7,6 +7,7 @@ import json
 import math
 import shutil
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -249,6 +250,12 @@ def test_a_bank_saved_with_a_weights_file_needs_that_file(tmp_path, demo, capsys
     moved = tmp_path / "moved.pt"
     shutil.move(tmp_path / "a.pt", moved)  # another machine: the same file elsewhere
     assert main([*score, "--weights", str(moved), "--out", str(tmp_path / "o2")]) == 0
+    # the grown bank records the file where it now lies, with the bank's identity
+    grow = ["--add", "--save-bank", "--weights", str(moved), "--out", str(tmp_path / "o3")]
+    assert main([*score, *grow]) == 0
+    grown = load_bank(tmp_path / "o3")
+    assert grown.config.weights == str(moved)
+    assert grown.weights_identity == load_bank(folder).weights_identity
 
 
 def test_save_bank_is_refused_before_the_work_for_a_method_without_one(demo, tmp_path, capsys):
@@ -340,3 +347,61 @@ def test_the_scoring_widget_shows_a_scored_batch(demo, tmp_path, monkeypatch):
     f1, f2 = features(one, config), features(two, config)
     want = brute(f2.reshape(-1, f2.shape[-1]), f1.reshape(-1, f1.shape[-1]), 6)
     np.testing.assert_allclose(widget.result.patch_scores.reshape(-1).double(), want, rtol=1e-5)
+
+
+def test_lnamd_with_a_coreset_keeps_each_sizes_own_coreset(demo, tmp_path):
+    """Each locally aware size picks its own greedy coreset: the bank keeps every size's rows
+    (review finding: only the first size's were saved, and used for every size)."""
+    one, two = demo
+    settings = dict(FAST, local_sizes=(3, 1), coreset=0.5, k=3)
+    config = RunConfig(data=str(one), unlabeled=True, cache_dir=str(tmp_path / "c"), **settings)
+    first = run(config, progress=False)
+    folder = save_bank(first, tmp_path / "bank")
+    bank = load_bank(folder)
+    own = {x.local: x.bank.rows for x in (first.inputs, *first.inputs.others)}
+    assert not torch.equal(own[3], own[1])
+    for r in (3, 1):
+        assert torch.equal(bank.rows[r], own[r])
+    result = score_images(bank, load_paths([two]), progress=False, cache_dir=str(tmp_path / "c2"))
+    want = 0
+    for r in (3, 1):
+        sized = replace(config, local_sizes=(r,))
+        f1, f2 = features(one, sized), features(two, sized)
+        f1 = f1.reshape(-1, f1.shape[-1])[own[r]]
+        want = want + brute(f2.reshape(-1, f2.shape[-1]), f1, 3) / 2  # LNAMD: the mean
+    np.testing.assert_allclose(result.patch_scores.reshape(-1).double(), want, rtol=1e-5)
+
+
+def test_score_refuses_to_overwrite_its_own_bank(demo, tmp_path, capsys):
+    one, two = demo
+    saved(one, tmp_path, k=3, **FAST)
+    run1 = tmp_path / "run1"
+    (run1 / "metrics.json").write_text("{}")
+    code = main(["score", str(two), "--bank", str(run1), "--out", str(run1), "--quiet"])
+    assert code == 2 and "holds the bank scored against" in capsys.readouterr().err
+    assert (run1 / "bank" / "features.npz").is_file()
+
+
+def test_a_bank_with_missing_fields_is_named_damaged(demo, tmp_path):
+    one, _ = demo
+    _, folder = saved(one, tmp_path, k=3, **FAST)
+    meta = json.loads((folder / "bank.json").read_text())
+    del meta["grid"]
+    (folder / "bank.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="is damaged .*KeyError"):
+        load_bank(folder)
+    (folder / "bank.json").write_text(json.dumps({**meta, "format": 99, "config": {"x": 1}}))
+    with pytest.raises(ValueError, match="this patchlab reads format 1"):
+        load_bank(folder)  # the format is named before the fields are read
+
+
+def test_the_neighbour_explorer_refuses_a_scored_batch(demo, tmp_path):
+    from patchlab.widgets import NeighbourExplorer
+
+    one, two = demo
+    _, folder = saved(one, tmp_path, k=3, **FAST)
+    result = score_images(
+        load_bank(folder), load_paths([two]), progress=False, cache_dir=str(tmp_path / "c2")
+    )
+    with pytest.raises(ValueError, match="the neighbour explorer shows a blind run"):
+        NeighbourExplorer(result)

@@ -44,6 +44,13 @@ class NeighbourExplorer(Displays):
         crop: int = 32,
         seed: int = 0,
     ) -> None:
+        bank = result.inputs.bank
+        if bank is not None and not (bank.blind and bank.source is result.features):
+            raise ValueError(
+                "the neighbour explorer shows a blind run, whose bank is its own images; this "
+                "result's bank is another set's (one-class, or a saved bank): use "
+                "patchlab.explore(result) for its maps"
+            )
         self.result = result
         self.table = result.inputs.table()
         self.k = min(k or result.config.k, self.table.k)

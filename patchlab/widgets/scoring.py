@@ -26,7 +26,7 @@ from patchlab.experiment import Result, prepare, rescore
 from patchlab.images import load_display
 from patchlab.maps import IMAGE_SCORES
 from patchlab.methods import ScoringInputs
-from patchlab.metrics import format_metric, pixel_auroc, pro_score
+from patchlab.metrics import evaluate_pixels, format_metric
 from patchlab.widgets._base import Displays
 
 TABLE_METHODS = ("patchcluster", "patchcore", "patchcore_lof")
@@ -212,8 +212,7 @@ class ScoringWidget(Displays):
             self.status.value = self._summary(result, "off")
         else:  # after the figure: the maps never wait for the sort of every pixel
             self.status.value = self._summary(result, "pending")
-            result.metrics["pixel_auroc"] = pixel_auroc(masks, result.maps)
-            result.metrics["pro"] = pro_score(masks, result.maps)
+            result.metrics |= evaluate_pixels(masks, result.maps)  # one sort for both
             self.status.value = self._summary(result)
 
     def _draw(self, result: Result) -> None:
