@@ -23,6 +23,7 @@ LNAMD averages the sizes as a run does; RsCIN smooths over the new batch.
 from __future__ import annotations
 
 import json
+import tempfile
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -35,7 +36,7 @@ from patchlab.backbones import weights_identity
 from patchlab.bank import MemoryBank, neighbour_table
 from patchlab.cache import FEATURE_VERSION, feature_key
 from patchlab.config import RunConfig
-from patchlab.data import ImageSet
+from patchlab.data import ImageSet, load_paths
 from patchlab.experiment import Result, feature_options, feature_settings, rescore
 from patchlab.features import extract_features
 from patchlab.hashing import file_digest
@@ -273,6 +274,43 @@ def score_images(
     inputs = replace(sizes[0], others=tuple(sizes[1:]))
     masks = load_masks(images, config.resize, config.crop)
     return rescore(config, images, inputs, masks, progress=progress)
+
+
+def score_arrays(
+    bank: SavedBank, arrays: np.ndarray | torch.Tensor, folder: str | Path | None = None, **kw
+) -> Result:
+    """Score images given as arrays (a camera's frames, a notebook's tensors) against ``bank``.
+
+    Parameters
+    ----------
+    arrays : (n, H, W, 3) or (n, H, W) uint8, or float in [0, 1]; a torch tensor may also be
+        (n, 3, H, W) or (n, 1, H, W), as torchvision lays images out.
+    folder : where they are written as PNG files (lossless): ``000000.png``, ... Default: a
+        new temporary folder, kept, since the result's figures and report read the images
+        from it. They are then scored as files (:func:`score_images`, whose keyword
+        arguments ``kw`` are): the same preprocessing, and the same cache, as any image.
+    """
+    from PIL import Image
+
+    frames = arrays.detach().cpu().numpy() if isinstance(arrays, torch.Tensor) else arrays
+    frames = np.asarray(frames)
+    if isinstance(arrays, torch.Tensor) and frames.ndim == 4 and frames.shape[1] in (1, 3):
+        frames = frames.transpose(0, 2, 3, 1)  # (n, C, H, W) -> (n, H, W, C)
+    if frames.ndim == 4 and frames.shape[-1] == 1:
+        frames = frames[..., 0]
+    if frames.ndim not in (3, 4) or (frames.ndim == 4 and frames.shape[-1] != 3) or not len(frames):
+        raise ValueError(
+            f"arrays must be images (n, H, W, 3), (n, H, W) or, as a tensor, (n, 3, H, W); "
+            f"got shape {tuple(np.shape(arrays))}"
+        )
+    if frames.dtype != np.uint8:  # floats in [0, 1]
+        frames = np.clip(np.round(frames.astype(np.float64) * 255), 0, 255).astype(np.uint8)
+    folder = Path(folder or tempfile.mkdtemp(prefix="patchlab-batch-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"{j:06d}.png" for j in range(len(frames))]
+    for path, frame in zip(paths, frames, strict=True):
+        Image.fromarray(frame).save(path)
+    return score_images(bank, load_paths(paths), **kw)
 
 
 def _config_for(bank: SavedBank, images: ImageSet, k, expect, cache_dir, category) -> RunConfig:

@@ -405,3 +405,26 @@ def test_the_neighbour_explorer_refuses_a_scored_batch(demo, tmp_path):
     )
     with pytest.raises(ValueError, match="the neighbour explorer shows a blind run"):
         NeighbourExplorer(result)
+
+
+def test_images_given_as_arrays_score_as_their_files(demo, tmp_path):
+    """Frames as uint8 arrays, or as a float (n, 3, H, W) tensor, score as the same images
+    read from files (PNG is lossless: the same pixels, the same features)."""
+    from PIL import Image
+
+    from patchlab.saved import score_arrays
+
+    one, two = demo
+    _, folder = saved(one, tmp_path, k=3, **FAST)
+    bank = load_bank(folder)
+    files = sorted(two.iterdir())[:3]
+    frames = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in files])
+    cache = str(tmp_path / "c2")
+    want = score_images(bank, load_paths(files), progress=False, cache_dir=cache)
+    got = score_arrays(bank, frames, tmp_path / "frames", progress=False, cache_dir=cache)
+    torch.testing.assert_close(got.patch_scores, want.patch_scores)
+    tensor = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255
+    again = score_arrays(bank, tensor, progress=False, cache_dir=cache)
+    torch.testing.assert_close(again.patch_scores, want.patch_scores)
+    with pytest.raises(ValueError, match="arrays must be images"):
+        score_arrays(bank, np.zeros((2, 5)), progress=False)
