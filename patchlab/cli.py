@@ -116,7 +116,9 @@ def _add_score(sub) -> None:
         sc.add_argument(
             flag, type=kind, default=None, help="refused unless the bank's (default: the bank's)"
         )
-    sc.add_argument("--cache-dir", default=None, help="default: the run's")
+    sc.add_argument(
+        "--cache-dir", default=None, help="default: $PATCHLAB_CACHE, else ~/.cache/patchlab"
+    )
     sc.add_argument("--quiet", action="store_true", help="no progress bars")
 
 

@@ -34,7 +34,7 @@ import torch
 from patchlab.atomic import atomic_folder
 from patchlab.backbones import weights_identity
 from patchlab.bank import MemoryBank, neighbour_table
-from patchlab.cache import FEATURE_VERSION, feature_key
+from patchlab.cache import FEATURE_VERSION, cache_folder, check_cache_folder, feature_key
 from patchlab.config import RunConfig
 from patchlab.data import ImageSet, load_paths
 from patchlab.experiment import Result, feature_options, feature_settings, rescore
@@ -251,7 +251,8 @@ def score_images(
     expect : feature settings the caller asks for (``backbone``, ``weights``, ``seed``,
         ``resize``, ``crop``, ``local_sizes``): refused where they differ from the bank's,
         except ``weights``, a path to the same weights (moved): its identity must match.
-    cache_dir : the feature and neighbour cache (default: the run's).
+    cache_dir : the feature and neighbour cache (default: ``$PATCHLAB_CACHE``, else
+        ``~/.cache/patchlab``: the run's may lie on another machine).
     category : the MVTec category of labelled images (for the outputs' records).
 
     Returns
@@ -260,6 +261,7 @@ def score_images(
         Of the new images only; ``result.inputs.bank`` is the bank they were scored against.
     """
     config = _config_for(bank, images, k, expect or {}, cache_dir, category)
+    check_cache_folder(cache_folder(config.cache_dir))  # before the work, not after
     seen = sorted(set(map(str, images.paths)) & set(bank.names))
     if seen:
         warnings.warn(
@@ -339,7 +341,7 @@ def _config_for(bank: SavedBank, images: ImageSet, k, expect, cache_dir, categor
         k=k,
         k_max=None if config.k_max is None else max(config.k_max, k),
         weights=weights,
-        cache_dir=cache_dir or config.cache_dir,
+        cache_dir=cache_dir,
         scheduler=None,
     )
 
