@@ -166,9 +166,9 @@ def _search(features: torch.Tensor, bank: MemoryBank, config: RunConfig, progres
     elif bank.rows is None:  # the self-kNN: symmetric blocks
         table = search(queries, config.table_k, query_groups=groups, **kw)
     else:  # a coreset of the set's own patches: rows keep their patch identity
-        ids = dict(query_ids=torch.arange(n * h * w), bank_ids=bank.ids)
-        groups = dict(query_groups=groups, bank_groups=bank.groups)
-        table = search(queries, config.table_k, bank.features, **ids, **groups, **kw)
+        keys = dict(query_ids=torch.arange(n * h * w), bank_ids=bank.ids)
+        keys |= dict(query_groups=groups, bank_groups=bank.groups)
+        table = search(queries, config.table_k, bank.features, **keys, **kw)
     return Neighbours(table.distances.cpu(), table.indices.cpu(), exclude)
 
 

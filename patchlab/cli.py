@@ -17,6 +17,7 @@ import argparse
 import sys
 import time
 from dataclasses import fields
+from functools import partial
 from pathlib import Path
 
 from patchlab.config import RunConfig
@@ -229,7 +230,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         from patchlab.saved import check_savable, save_bank
 
         check_savable(config)  # before the work
-        bank = lambda folder: save_bank(result, folder)  # noqa: E731
+        bank = save_bank
     check_out(args.out)  # a bad --out is found before the work, not after it
     with out_lock(args.out):  # one run per --out: a second one stops here, before its work
         result = run(config, progress=not args.quiet)
@@ -281,7 +282,7 @@ def cmd_score(args: argparse.Namespace) -> int:
             category=args.category,
             progress=not args.quiet,
         )
-        grow = (lambda folder: grow_bank(bank, result, folder)) if args.save_bank else None
+        grow = partial(grow_bank, bank) if args.save_bank else None
         out = save_result(result, args.out, args.report, not args.quiet, grow)
     how = "added to" if args.add else "against"
     print(f"{images.name}: {len(images)} images scored {how} the bank of {len(bank)} images")

@@ -110,14 +110,14 @@ def save_result(
     out: str | Path,
     report: bool = False,
     progress: bool = False,
-    bank: Callable[[Path], object] | None = None,
+    bank: Callable[[Result, Path], object] | None = None,
 ) -> Path:
     """Write ``metrics.json``, ``image_scores.csv`` and ``maps.npz`` (and, with ``report``,
     ``report.html`` and ``overlays/``, :mod:`patchlab.report`) into ``out``, as one set.
 
     A report of the run replaced is not dropped: it is drawn again for the new run (with a
     warning saying so), so ``out`` never holds a report of other results, nor loses one.
-    ``bank(folder)`` writes the memory bank into ``out/bank`` within the same set
+    ``bank(result, folder)`` writes the memory bank into ``out/bank`` within the same set
     (:func:`patchlab.saved.save_bank`, ``--save-bank``)."""
     out = check_out(out)  # at save time: the folder may have changed during the run
     with out_lock(out):
@@ -146,7 +146,7 @@ def _save(result: Result, out: Path, report: bool, progress: bool, bank=None) ->
 
             write_report(tmp, arrays, record, progress)
         if bank is not None:
-            bank(tmp / "bank")
+            bank(result, tmp / "bank")
     return out
 
 

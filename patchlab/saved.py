@@ -41,7 +41,7 @@ from patchlab.experiment import Result, feature_options, feature_settings, resco
 from patchlab.features import extract_features
 from patchlab.hashing import file_digest
 from patchlab.images import load_masks
-from patchlab.methods import ScoringInputs
+from patchlab.methods import ScoringInputs, get_method
 
 FORMAT = 1  # bump when the folder's layout changes: older banks are then refused by name
 SCORABLE = ("patchcluster", "patchcore", "mutual")  # the methods that read the memory bank
@@ -362,6 +362,6 @@ def _size_inputs(bank, images, config, r, add, glob, progress) -> ScoringInputs:
     else:
         memory = MemoryBank(saved, bank.rows[r], blind=False, key=bank.digest)
     table = None
-    if config.method != "mutual":
+    if get_method(config.method).uses_table:  # mutual reads the bank's images instead
         table = neighbour_table(new, key, memory, sized, progress)
     return ScoringInputs(new, table, memory, glob, local=r)

@@ -138,39 +138,15 @@ def test_the_demo_batches_through_the_command_line(demo, tmp_path, capsys):
     first = tmp_path / "one"
     shutil.copytree(one, first)
     cache = tmp_path / "cache"
-    args = ["--cache-dir", str(cache), "--quiet"]
-    assert (
-        main(
-            [
-                "run",
-                str(first),
-                "--unlabeled",
-                "--save-bank",
-                "--out",
-                str(tmp_path / "run1"),
-                *args,
-            ]
-        )
-        == 0
-    )
+
+    def patchlab(*words) -> None:
+        assert main([*map(str, words), "--cache-dir", str(cache), "--quiet"]) == 0
+
+    patchlab("run", first, "--unlabeled", "--save-bank", "--out", tmp_path / "run1")
     shutil.rmtree(cache)
     shutil.rmtree(first)
     out = tmp_path / "run2"
-    assert (
-        main(
-            [
-                "score",
-                str(two),
-                "--bank",
-                str(tmp_path / "run1"),
-                "--out",
-                str(out),
-                "--report",
-                *args,
-            ]
-        )
-        == 0
-    )
+    patchlab("score", two, "--bank", tmp_path / "run1", "--out", out, "--report")
     said = capsys.readouterr().out
     assert "scored against the bank of" in said
     rows = (out / "image_scores.csv").read_text().splitlines()[1:]
@@ -181,33 +157,13 @@ def test_the_demo_batches_through_the_command_line(demo, tmp_path, capsys):
     assert (out / "report.html").is_file() and not (out / "bank").exists()
     # --add --save-bank: the grown bank scores the next batch in its turn
     grown = tmp_path / "run3"
-    assert (
-        main(
-            [
-                "score",
-                str(two),
-                "--bank",
-                str(tmp_path / "run1"),
-                "--add",
-                "--save-bank",
-                "--out",
-                str(grown),
-                *args,
-            ]
-        )
-        == 0
-    )
+    patchlab("score", two, "--bank", tmp_path / "run1", "--add", "--save-bank", "--out", grown)
     bank = load_bank(grown)
     assert len(bank) == len(list(one.iterdir())) + len(list(two.iterdir()))
-    assert (
-        main(["score", str(two), "--bank", str(grown), "--out", str(tmp_path / "run4"), *args]) == 0
-    )
+    patchlab("score", two, "--bank", grown, "--out", tmp_path / "run4")
     # one image alone (MuSc's batch methods cannot score one): against the bank
     single = sorted(two.iterdir())[0]
-    assert (
-        main(["score", str(single), "--bank", str(grown), "--out", str(tmp_path / "run5"), *args])
-        == 0
-    )
+    patchlab("score", single, "--bank", grown, "--out", tmp_path / "run5")
     assert len((tmp_path / "run5" / "image_scores.csv").read_text().splitlines()) == 2
 
 
